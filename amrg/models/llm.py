@@ -1,0 +1,86 @@
+"""The language model: any HF causal LM (id or local dir), or a Llama-architecture LM built from scratch.
+
+``llm.source = pretrained`` loads ``llm.name`` (paper: ``meta-llama/Llama-2-7b-hf``) with its tokenizer.
+``llm.source = scratch`` builds a ``LlamaForCausalLM`` of the configured size and trains a word-level
+tokenizer on the *training* reports (plus the prompt's words): the embedded default. Both are then
+driven identically through ``inputs_embeds`` by :class:`~amrg.models.generator.ReportGenerator`.
+``llm.trainable = none`` freezes every LLM weight (paper); ``full`` trains them (tiny scratch LM only).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from .hub import resolve_model_ref
+
+SPECIAL = {"pad_token": "<pad>", "unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"}
+
+
+def train_word_tokenizer(texts: list[str], min_freq: int) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer (lower-cased, whitespace split) over ``texts``; words rarer than ``min_freq`` -> <unk>."""
+    tok = Tokenizer(models.WordLevel(unk_token=SPECIAL["unk_token"]))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    trainer = trainers.WordLevelTrainer(min_frequency=min_freq, special_tokens=list(SPECIAL.values()))
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL)
+
+
+def scratch_config(cfg, vocab_size: int, tokenizer) -> LlamaConfig:
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.layers,
+                       num_attention_heads=cfg.heads, num_key_value_heads=cfg.heads,
+                       intermediate_size=cfg.intermediate_size, max_position_embeddings=1024,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+
+
+def build_llm(cfg, train_texts: list[str] | None = None, prompt: str = "", dtype: torch.dtype = torch.float32):
+    """Create (model, tokenizer) for training. ``cfg`` is :class:`amrg.config.Llm`."""
+    if cfg.source == "scratch":
+        if not train_texts:
+            raise ValueError("llm.source=scratch needs the training reports to build its tokenizer")
+        tokenizer = train_word_tokenizer(list(train_texts) + [prompt] * cfg.min_word_freq, cfg.min_word_freq)
+        model = LlamaForCausalLM(scratch_config(cfg, len(tokenizer), tokenizer))
+    else:
+        model, tokenizer = _load_pretrained(cfg.name, dtype)
+    return _set_trainable(model, cfg.trainable), tokenizer
+
+
+def _load_pretrained(name: str, dtype: torch.dtype):
+    path = resolve_model_ref(name)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return model, tokenizer
+
+
+def _set_trainable(model, trainable: str):
+    for p in model.parameters():
+        p.requires_grad_(trainable == "full")
+    return model
+
+
+def save_llm_spec(out_dir: Path, cfg, model, tokenizer) -> None:
+    """Save what rebuilding the LLM needs besides trainable weights: the tokenizer and config of a
+    scratch LM, or only the reference of a pretrained one (a 7B base is never copied)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.source == "scratch":
+        tokenizer.save_pretrained(out_dir / "tokenizer")
+        (out_dir / "llm_config.json").write_text(json.dumps(model.config.to_dict(), indent=1))
+
+
+def load_llm(gen_dir: Path, cfg, dtype: torch.dtype = torch.float32):
+    """Rebuild the (model, tokenizer) of a trained generator directory; weights come separately."""
+    if cfg["source"] == "scratch":
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(gen_dir / "tokenizer")
+        config = LlamaConfig.from_dict(json.loads((gen_dir / "llm_config.json").read_text()))
+        model = LlamaForCausalLM(config)
+    else:
+        model, tokenizer = _load_pretrained(cfg["name"], dtype)
+    return _set_trainable(model, cfg["trainable"]), tokenizer

@@ -1,0 +1,60 @@
+"""Glue shared by the stage scripts: params, logging, the artifact layout, run metadata."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+
+from amrg.config import Params, load_params, to_dict
+from amrg.io import setup_logging, write_json
+
+ARTIFACTS = Path("artifacts")
+CHECKPOINTS = Path("checkpoints")
+PHANTOM_FLAG = "phantom_images"
+
+
+def start(stage: str, argv: list[str] | None = None) -> tuple[Params, logging.Logger]:
+    """Parse ``--params`` (default params.yaml), validate every key, set up logging."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog=f"python -m stages.{stage}")
+    ap.add_argument("--params", default="params.yaml")
+    args = ap.parse_args(argv)
+    setup_logging()
+    params = load_params(args.params)
+    log = logging.getLogger(f"stages.{stage}")
+    log.info("stage %s", stage)
+    return params, log
+
+
+def fingerprint(*parts) -> str:
+    """Hash of params sections and input files: a training checkpoint only resumes the same run."""
+    h = hashlib.sha256()
+    for p in parts:
+        if isinstance(p, Path):
+            h.update(p.read_bytes() if p.is_file() else str(sorted(x.stat().st_mtime_ns for x in p.rglob("*"))).encode())
+        else:
+            h.update(json.dumps(p, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+def write_resolved(out_dir: Path, **sections) -> None:
+    """Write the params a stage used beside its outputs."""
+    write_json(out_dir / "params.json", {k: to_dict(v) if hasattr(v, "__dataclass_fields__") else v
+                                         for k, v in sections.items()})
+
+
+def is_phantom() -> bool:
+    stats = ARTIFACTS / "preprocess" / "stats.json"
+    return bool(json.loads(stats.read_text()).get(PHANTOM_FLAG, False)) if stats.exists() else False
+
+
+class Timer:
+    def __init__(self):
+        self.t0 = time.perf_counter()
+
+    def __call__(self) -> float:
+        return round(time.perf_counter() - self.t0, 3)

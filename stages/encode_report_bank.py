@@ -1,0 +1,49 @@
+"""Stage encode_report_bank (paper III-C): the report memory R (n_r x D), training split only.
+
+Draws ``banks.report.size`` training reports per disease in proportion to the training label
+frequencies (seeded), splits them into sentences, keeps each distinct sentence once and encodes it
+with ``banks.report.encoder`` (mean pooling; paper: Bio_ClinicalBERT). Validation and test reports are
+never read into the bank.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from amrg.banks import sample_reports_by_disease, sentence_rows
+from amrg.data.store import load_studies
+from amrg.io import save_tensors, setup_runtime, write_json, write_parquet
+from amrg.models.text_encoder import SentenceEncoder
+
+from .common import ARTIFACTS, Timer, start, write_resolved
+
+PRE, OUT = ARTIFACTS / "preprocess", ARTIFACTS / "banks" / "report"
+
+
+def main(argv: list[str] | None = None) -> None:
+    params, log = start("encode_report_bank", argv)
+    p, timer = params.banks.report, Timer()
+    device = setup_runtime(params.runtime)
+    studies = load_studies(PRE / "studies.parquet")
+    train = studies.rows("train")
+    reports = [studies.reports[i] for i in train]
+    ids = [studies.ids[i] for i in train]
+    positives = (studies.labels[train] == 1).astype(np.int8)
+    picks = sample_reports_by_disease(positives, p.size, params.runtime.seed)
+    rows = sentence_rows(reports, ids, picks)
+    if not rows["sentence"]:
+        raise ValueError("report bank is empty: no training report has a positive label")
+    encoder = SentenceEncoder(p.encoder, device, p.max_length)
+    bank = torch.from_numpy(encoder.encode(rows["sentence"], p.batch_size))
+    save_tensors(OUT / "bank.safetensors", {"bank": bank}, metadata={"encoder": p.encoder, "pooling": "mean"})
+    write_parquet(OUT / "rows.parquet", rows)
+    write_json(OUT / "metrics.json", {"n_reports": len(picks), "n_r": int(bank.shape[0]), "dim": int(bank.shape[1]),
+                                      "encoder": p.encoder, "pooling": "attention-masked mean of last hidden states",
+                                      "sentences_per_s": round(len(bank) / max(timer(), 1e-9), 1)})
+    write_resolved(OUT, banks_report=p, runtime=params.runtime)
+    log.info("report bank: %d sentences from %d reports in %.1fs", len(bank), len(picks), timer())
+
+
+if __name__ == "__main__":
+    main()

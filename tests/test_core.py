@@ -1,0 +1,118 @@
+"""Config validation, atomic IO, report cleaning, image decoding."""
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from amrg.config import ParamsError, load_params, parse_params
+from amrg.data.adapters import load_iu_xray
+from amrg.data.clean import clean_report, report_sentences
+from amrg.data.images import ImageError, decode_image, decode_many
+from amrg.io import atomic_path, load_checkpoint, read_json, save_checkpoint, write_json
+
+
+def test_repo_params_are_valid():
+    p = load_params("params.yaml")
+    assert p.cam.patch * 14 == p.data.image_size and p.qformer.n_queries == 14
+
+
+def test_params_errors_name_every_bad_key():
+    raw = yaml.safe_load(open("params.yaml"))
+    raw["cam"]["tua"] = 0.3
+    raw["hopfield"]["beta"] = "four"
+    raw["llm"]["source"] = "hub"
+    raw["classifier"]["epochs"] = 0
+    raw["bogus"] = {}
+    with pytest.raises(ParamsError) as e:
+        parse_params(raw)
+    msg = str(e.value)
+    for key in ("cam.tua: unknown key", "hopfield.beta: expected float", "llm.source: 'hub'",
+                "classifier.epochs must be > 0", "bogus: unknown key"):
+        assert key in msg
+
+
+def test_params_int_accepted_for_float_and_bool_not_int():
+    raw = {"hopfield": {"beta": 8}, "cam": {"batch_size": True}}
+    with pytest.raises(ParamsError, match="cam.batch_size: expected int"):
+        parse_params(raw)
+    assert parse_params({"hopfield": {"beta": 8}}).hopfield.beta == 8.0
+
+
+def test_atomic_write_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "out.json"
+    write_json(target, {"a": 1})
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("partial")
+            raise RuntimeError("killed")
+    assert read_json(target) == {"a": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
+
+
+def test_checkpoint_refuses_pickled_code(tmp_path):
+    import torch
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    bad = tmp_path / "evil.pt"
+    torch.save({"x": Evil()}, bad)
+    with pytest.raises(Exception, match="(?i)weights_only|unsupported|global"):
+        load_checkpoint(bad)
+    save_checkpoint(tmp_path / "ok.pt", {"w": torch.ones(2), "n": 3})
+    assert load_checkpoint(tmp_path / "ok.pt")["n"] == 3
+
+
+@pytest.mark.parametrize("raw,clean", [
+    ("The heart is normal in size. The lungs are clear.", "the heart is normal in size . the lungs are clear ."),
+    ("1. No acute disease. 2. Stable (old) granuloma.", "no acute disease . stable old granuloma ."),
+    ("No XXXX of pleural effusion.. Heart: normal; T-spine ok", "no xxxx of pleural effusion . heart normal t-spine ok ."),
+    ("   . . ", ""),
+])
+def test_clean_report_follows_r2gen(raw, clean):
+    assert clean_report(raw) == clean
+
+
+def test_report_sentences_round_trip():
+    c = clean_report("Heart normal. Lungs clear. No effusion.")
+    assert report_sentences(c) == ["heart normal", "lungs clear", "no effusion"]
+
+
+def test_iu_adapter_counts_skips(tmp_path):
+    ann = {"train": [{"id": "a", "report": "Heart normal.", "image_path": ["a/0.png", "a/1.png"], "split": "train"},
+                     {"id": "a", "report": "dup.", "image_path": ["a/0.png"], "split": "train"},
+                     {"id": "b", "report": "   ", "image_path": ["b/0.png"], "split": "train"},
+                     {"id": "c", "report": 5, "image_path": ["c/0.png"], "split": "train"}],
+           "test": [{"id": "d", "report": "Lungs clear.", "image_path": [], "split": "test"}]}
+    f = tmp_path / "ann.json"
+    f.write_text(json.dumps(ann))
+    studies, skips = load_iu_xray(f)
+    assert [s.id for s in studies] == ["a"] and studies[0].report == "heart normal ."
+    assert {s.reason for s in skips} == {"duplicate_id", "empty_report", "report_not_string", "no_image_path"}
+    f.write_text(json.dumps({"training": []}))
+    with pytest.raises(ValueError, match="unknown split keys"):
+        load_iu_xray(f)
+
+
+def test_decode_image_modes_and_errors(tmp_path):
+    rgba = np.zeros((40, 60, 4), np.uint8)
+    rgba[..., 0] = 200
+    rgba[..., 3] = 255
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    img16 = (np.arange(40 * 40, dtype=np.uint16).reshape(40, 40) * 40)
+    Image.fromarray(img16).save(tmp_path / "x16.png")
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"junk" * 10)
+    out = decode_image(tmp_path, "rgba.png", 32)
+    assert out.shape == (32, 32) and out.dtype == np.uint8 and abs(int(out.mean()) - 60) <= 2  # 0.299*200
+    g16 = decode_image(tmp_path, "x16.png", 32)
+    assert g16.min() <= 5 and g16.max() >= 250
+    res = decode_many(tmp_path, ["bad.png", "missing.png", "../etc/passwd", "/etc/passwd"], 32)
+    assert [r.reason for r in res] == ["unreadable_image", "missing_image", "path_outside_images_dir",
+                                       "path_outside_images_dir"]
+    (tmp_path / "link.png").symlink_to("/etc/hostname")
+    with pytest.raises(ImageError, match="path_outside_images_dir"):
+        decode_image(tmp_path, "link.png", 32)
