@@ -52,7 +52,18 @@ class Data:
 
 @dataclass(frozen=True)
 class Labels:
-    labeler: Literal["rules"] = "rules"
+    labeler: Literal["rules", "chexbert"] = "rules"
+    chexbert_checkpoint: Optional[str] = None  # local chexbert.pth of the CheXbert release
+    chexbert_tokenizer: Optional[str] = None  # bert-base-uncased tokenizer + config (dir or HF id)
+
+    def check(self) -> list[str]:
+        if self.labeler == "chexbert" and not self.chexbert_checkpoint:
+            return ["labels.chexbert_checkpoint is required when labels.labeler=chexbert"]
+        return []
+
+    def options(self) -> dict:
+        """Keyword options of :func:`amrg.labels.label` for this configuration."""
+        return {"chexbert_checkpoint": self.chexbert_checkpoint, "chexbert_tokenizer": self.chexbert_tokenizer}
 
 
 @dataclass(frozen=True)

@@ -33,8 +33,10 @@ from .train_generator import load_banks
 PRE, CLS, GEN, OUT = ARTIFACTS / "preprocess", ARTIFACTS / "classifier", ARTIFACTS / "generator", ARTIFACTS / "eval"
 
 
-def score(refs: list[str], hyps: list[str], ref_labels: np.ndarray, labeler: str, ev) -> dict:
-    ce = ce_scores(label(hyps, labeler), ref_labels, uncertain_as=ev.ce_uncertain_as, labels=ev.ce_labels)
+def score(refs: list[str], hyps: list[str], ref_labels: np.ndarray, labels_cfg, ev) -> dict:
+    """NLG + CE of ``hyps``; generated reports are labelled exactly as the references were."""
+    hyp_labels = label(hyps, labels_cfg.labeler, **labels_cfg.options())
+    ce = ce_scores(hyp_labels, ref_labels, uncertain_as=ev.ce_uncertain_as, labels=ev.ce_labels)
     return {**nlg_scores(refs, hyps, tokenization=ev.nlg_tokenization, meteor=ev.meteor), "ce": ce}
 
 
@@ -79,9 +81,9 @@ def main(argv: list[str] | None = None) -> None:
         if is_phantom() else "real images",
         "n_test": len(test),
         "nlg_protocol": protocol(ev.nlg_tokenization, ev.meteor),
-        "model": score(refs, hyps, ref_labels, params.labels.labeler, ev),
+        "model": score(refs, hyps, ref_labels, params.labels, ev),
         "baselines": {"most_frequent": {"report": most_frequent,
-                                        **score(refs, [most_frequent] * len(test), ref_labels, params.labels.labeler, ev)}},
+                                        **score(refs, [most_frequent] * len(test), ref_labels, params.labels, ev)}},
         "classifier_test": {"mean_auroc": cls_test["mean_auroc"], "mean_ap": cls_test["mean_ap"],
                             "per_label": cls_test["per_label"]},
         "generation": {"seconds": gen_seconds, "reports_per_s": round(len(test) / max(gen_seconds, 1e-9), 2)},

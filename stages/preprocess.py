@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from amrg.data.adapters import limit_per_split, load_dataset
 from amrg.data.images import ImageError, decode_many
-from amrg.data.phantoms import PHANTOM_NOTE, draw_phantom
+from amrg.data.phantoms import PHANTOM_NOTE, draw_phantoms
 from amrg.data.schema import SPLITS, Skip
 from amrg.data.store import images_table
 from amrg.io import write_json, write_parquet
@@ -34,17 +34,19 @@ def main(argv: list[str] | None = None) -> None:
     studies, skips = load_dataset(p.dataset, p.annotation)
     if p.max_studies:
         studies = limit_per_split(studies, p.max_studies)
-    labels = label([s.report for s in studies], params.labels.labeler)
+    labels = label([s.report for s in studies], params.labels.labeler, **params.labels.options())
 
     phantom = p.images_dir is None
     kept, pixels, img_ids, img_views, img_splits = [], [], [], [], []
-    if phantom:
+    if phantom:  # one seed per study: both views show the same findings in the same place
+        jobs = []
         for i, s in enumerate(studies):
             seed = zlib.crc32(s.id.encode()) ^ params.runtime.seed
             for v in range(len(s.image_paths)):
-                pixels.append(draw_phantom(labels[i], view=v % 2, size=p.image_size, seed=seed + v))
+                jobs.append((labels[i], v % 2, p.image_size, seed))
                 img_ids.append(s.id), img_views.append(v), img_splits.append(s.split)
             kept.append(i)
+        pixels = draw_phantoms(jobs, params.runtime.num_threads)
     else:
         refs = [(i, v, path) for i, s in enumerate(studies) for v, path in enumerate(s.image_paths)]
         decoded = decode_many(p.images_dir, [r[2] for r in refs], p.image_size)
