@@ -3,17 +3,18 @@
 The test split is read here and nowhere else. The generator (trainable weights + its config) is rebuilt
 over the frozen classifier and the memory banks, reports are decoded with ``decode.*``, labelled with the
 same labeler as the references, and scored: BLEU-1..4, METEOR, ROUGE-L, CIDEr (pycocoevalcap, protocol
-in metrics.json) and CE precision/recall/F1 (convention in metrics.json). The most-frequent training
-report is scored beside the model on every run; the classifier's test AUROC is reported too.
+in metrics.json) and CE precision/recall/F1 (convention in metrics.json). Three baselines are scored
+beside the model on every run (most frequent training report, nearest neighbour by classifier
+features, oracle template from the true labels; see :mod:`amrg.baselines`); the classifier's test
+AUROC is reported too.
 """
 
 from __future__ import annotations
 
-from collections import Counter
-
 import numpy as np
 import torch
 
+from amrg.baselines import most_frequent_report, nearest_neighbour_reports, oracle_reports
 from amrg.config import Hopfield
 from amrg.data.store import load_images, load_studies
 from amrg.io import autocast, load_tensors, read_json, setup_runtime, write_json, write_parquet
@@ -62,6 +63,8 @@ def main(argv: list[str] | None = None) -> None:
     hop = Hopfield(**cfg["hopfield"])
     f, fd = study_features(classifier, pixels, images.study_views([studies.ids[i] for i in test], N_VIEWS),
                            cfg["visual_pool"], device, params.runtime.precision)
+    train_fd = study_features(classifier, pixels, images.study_views([studies.ids[i] for i in train], N_VIEWS),
+                              cfg["visual_pool"], device, params.runtime.precision)[1]
     llm, tokenizer = load_llm(GEN, cfg["llm"])
     model = ReportGenerator(llm, tokenizer, cfg["visual_dim"], cfg["query_dim"], *load_banks(hop), hop, cfg["prompt"])
     model.load_trainable(load_tensors(GEN / "weights.safetensors"))
@@ -74,7 +77,12 @@ def main(argv: list[str] | None = None) -> None:
 
     refs = [studies.reports[i] for i in test]
     ref_labels = studies.labels[test]
-    most_frequent = Counter(studies.reports[i] for i in train).most_common(1)[0][0]
+    train_reports = [studies.reports[i] for i in train]
+    most_frequent = most_frequent_report(train_reports)
+    labeler = lambda texts: label(texts, params.labels.labeler, **params.labels.options())  # noqa: E731
+    baselines = {"most_frequent": [most_frequent] * len(test),
+                 "nearest_neighbour": nearest_neighbour_reports(train_fd, train_reports, fd),
+                 "oracle_template": oracle_reports(ref_labels, train_reports, labeler, ev.ce_uncertain_as)}
     result = {
         PHANTOM_FLAG: is_phantom(),
         "note": "scores on PHANTOM images drawn from the labels; not comparable with real-image results"
@@ -82,15 +90,16 @@ def main(argv: list[str] | None = None) -> None:
         "n_test": len(test),
         "nlg_protocol": protocol(ev.nlg_tokenization, ev.meteor),
         "model": score(refs, hyps, ref_labels, params.labels, ev),
-        "baselines": {"most_frequent": {"report": most_frequent,
-                                        **score(refs, [most_frequent] * len(test), ref_labels, params.labels, ev)}},
+        "baselines": {name: score(refs, texts, ref_labels, params.labels, ev) for name, texts in baselines.items()},
         "classifier_test": {"mean_auroc": cls_test["mean_auroc"], "mean_ap": cls_test["mean_ap"],
                             "per_label": cls_test["per_label"]},
         "generation": {"seconds": gen_seconds, "reports_per_s": round(len(test) / max(gen_seconds, 1e-9), 2)},
     }
+    result["ce_convention"] = result["model"]["ce"]["convention"]
     result["seconds"] = timer()
     write_json(OUT / "metrics.json", result)
-    write_parquet(OUT / "predictions.parquet", {"id": [studies.ids[i] for i in test], "reference": refs, "generated": hyps})
+    write_parquet(OUT / "predictions.parquet", {"id": [studies.ids[i] for i in test], "reference": refs,
+                                                "generated": hyps, **{f"baseline_{k}": v for k, v in baselines.items()}})
     write_resolved(OUT, decode=params.decode, evaluate=ev, labels=params.labels, runtime=params.runtime)
     print(summary(result))
 
@@ -99,10 +108,12 @@ def summary(result: dict) -> str:
     keys = ["BLEU_1", "BLEU_4", "METEOR", "ROUGE_L", "CIDEr"]
     rows = [("model", result["model"])] + [(k, v) for k, v in result["baselines"].items()]
     lines = [("PHANTOM IMAGES: " if result[PHANTOM_FLAG] else "") + f"test studies: {result['n_test']}",
-             f"{'':14}" + "".join(f"{k:>9}" for k in keys) + f"{'CE P':>8}{'CE R':>8}{'CE F1':>8}"]
+             f"{'':18}" + "".join(f"{k:>9}" for k in keys) + f"{'CE P':>8}{'CE R':>8}{'CE F1':>8}"]
     for name, r in rows:
-        lines.append(f"{name:14}" + "".join(f"{r.get(k, float('nan')):9.3f}" for k in keys)
+        lines.append(f"{name:18}" + "".join(f"{r.get(k, float('nan')):9.3f}" for k in keys)
                      + "".join(f"{r['ce'][k]:8.3f}" for k in ("precision", "recall", "f1")))
+    conv = result["ce_convention"]
+    lines.append(f"CE headline: {conv['headline']}; labels {conv['labels']}, uncertain as {conv['uncertain_as']}")
     lines.append(f"classifier test mean AUROC: {result['classifier_test']['mean_auroc']:.3f}")
     return "\n".join(lines)
 
