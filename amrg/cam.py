@@ -58,3 +58,67 @@ class CamMiner:
 
     def close(self) -> None:
         self.cam.activations_and_grads.release()
+
+
+# --- localisation scores: a CAM against a ground-truth region (e.g. :func:`amrg.data.phantoms.phantom_regions`)
+def _check_pair(cam: np.ndarray, region: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    cam, region = np.asarray(cam, dtype=np.float64), np.asarray(region, dtype=bool)
+    if cam.ndim != 2 or cam.shape != region.shape:
+        raise ValueError(f"cam {cam.shape} and region {region.shape} must be the same (H, W) shape")
+    if not region.any():
+        raise ValueError("region is empty: nothing to localise")
+    if not np.isfinite(cam).all() or (cam < 0).any():
+        raise ValueError("cam must be finite and non-negative")
+    return cam, region
+
+
+def cam_hit(cam: np.ndarray, region: np.ndarray) -> dict[str, float | bool]:
+    """How much of a CAM's mass falls inside a ground-truth region, relative to chance.
+
+    ``cam``: ``(H, W)`` non-negative map (the [0, 1] maps of :class:`CamMiner`); ``region``: ``(H, W)``
+    bool, non-empty. Returns
+
+    * ``mass_in``: ``sum(cam[region]) / sum(cam)``, the share of the activation inside the region;
+    * ``area``: ``region.mean()``, the share a map spread uniformly would put there (chance);
+    * ``lift``: ``mass_in / area``; 1 is chance (a uniform map), > 1 better than chance, at most ``1 / area``;
+    * ``hit``: ``lift > 1``.
+
+    A blank map (all zero: the CAM found no positive evidence) carries no localisation and counts as a
+    miss: ``mass_in = lift = 0``, ``hit = False``.
+    """
+    cam, region = _check_pair(cam, region)
+    area, total = float(region.mean()), float(cam.sum())
+    mass_in = float(cam[region].sum()) / total if total > 0 else 0.0
+    lift = mass_in / area
+    return {"mass_in": mass_in, "area": area, "lift": lift, "hit": bool(lift > 1.0)}
+
+
+def pointing_game(cam: np.ndarray, region: np.ndarray, tolerance: float = 0.0) -> bool:
+    """Pointing game (Zhang et al., 2016): does the CAM's maximum fall inside the region?
+
+    The maximum is often a small plateau (bilinear upsampling of a coarse token grid ties 2 x 2 pixels),
+    so the hit counts when at least half of the pixels where ``cam`` reaches its maximum lie within
+    ``tolerance`` pixels (Euclidean) of the region (``tolerance=0``: inside it; the original uses 15 px).
+    A constant map (no maximum) is a miss.
+    """
+    cam, region = _check_pair(cam, region)
+    top = cam.max()
+    if top <= cam.min():
+        return False
+    peak = cam >= top
+    if tolerance > 0:
+        region = _dilate(region, tolerance)
+    return bool(2 * (peak & region).sum() >= peak.sum())
+
+
+def _dilate(mask: np.ndarray, radius: float) -> np.ndarray:
+    """``mask`` grown by a Euclidean disk of ``radius`` pixels (OR of shifted copies)."""
+    r = int(np.floor(radius))
+    h, w = mask.shape
+    pad = np.pad(mask, r)
+    out = np.zeros_like(mask)
+    for dy in range(-r, r + 1):
+        for dx in range(-r, r + 1):
+            if dy * dy + dx * dx <= radius * radius:
+                out |= pad[r + dy:r + dy + h, r + dx:r + dx + w]
+    return out

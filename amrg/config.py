@@ -111,6 +111,7 @@ class Cam:
     method: Literal["gradcam", "gradcam++", "xgradcam", "eigencam", "hirescam", "layercam", "scorecam"] = "gradcam"
     patch: int = 16
     tau: float = 0.5
+    targets: Literal["labels", "predictions"] = "labels"  # positive labels, or predicted positives (p > 0.5)
     max_per_disease: int = 500
     batch_size: int = 32
     n_overlays: int = 2  # per disease, PNGs for people to look at

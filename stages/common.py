@@ -47,6 +47,21 @@ def write_resolved(out_dir: Path, **sections) -> None:
                                          for k, v in sections.items()})
 
 
+def log_history(out_dir: Path, history: list[dict]) -> None:
+    """Per-epoch training curves through dvclive (``out_dir/dvclive``) for ``dvc plots show/diff``.
+
+    Written from the loop's full history at the end, so a resumed run still logs every epoch.
+    """
+    from dvclive import Live
+
+    with Live(str(out_dir / "dvclive"), dvcyaml=False, save_dvc_exp=False, report=None) as live:
+        for h in history:
+            for k, v in h.items():
+                if k != "epoch":
+                    live.log_metric(k, v)
+            live.next_step()
+
+
 def is_phantom() -> bool:
     stats = ARTIFACTS / "preprocess" / "stats.json"
     return bool(json.loads(stats.read_text()).get(PHANTOM_FLAG, False)) if stats.exists() else False

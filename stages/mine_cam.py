@@ -1,6 +1,7 @@
 """Stage mine_cam (paper III-B, eq. 1): disease-aware regions of the training images.
 
-Targets are the positive observations of each training image's study. Candidates are ranked by the
+Targets (``cam.targets``) are the positive observations of each training image's study (``labels``)
+or the observations the classifier predicts positive (p > 0.5, ``predictions``). Candidates are ranked by the
 classifier's probability for their disease and capped at ``cam.max_per_disease`` *before* any CAM is
 computed (no CAM is spent on a region that the cap would drop). For each kept (image, disease) the CAM
 method gives a map; patches whose mean activation exceeds ``cam.tau`` are kept and the rest zeroed.
@@ -59,7 +60,8 @@ def main(argv: list[str] | None = None) -> None:
     pixels = torch.from_numpy(np.array(images.pixels))
     probs = predict_proba(model, pixels, train, device, params.runtime.precision, p.batch_size)
 
-    cand_img, cand_dis = np.nonzero(targets > 0)  # (row in train, disease) for every positive
+    positive = targets > 0 if p.targets == "labels" else probs > 0.5
+    cand_img, cand_dis = np.nonzero(positive)  # (row in train, disease) for every target
     scores = probs[cand_img, cand_dis]
     keep = select_regions(scores, cand_dis, p.max_per_disease)
     rows, diseases, scores = train[cand_img[keep]], cand_dis[keep], scores[keep]
@@ -99,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     per = {n: {"candidates": int((cand_dis == j).sum()), "regions": int(((diseases == j) & ok).sum()),
                "empty_masks": int(((diseases == j) & ~ok).sum())} for j, n in enumerate(CHEXPERT_14)}
     write_json(OUT / "metrics.json", {
-        "phantom_images": is_phantom(), "method": p.method, "tau": p.tau, "max_per_disease": p.max_per_disease,
+        "phantom_images": is_phantom(), "method": p.method, "targets": p.targets, "tau": p.tau, "max_per_disease": p.max_per_disease,
         "regions": int(ok.sum()), "paper_regions_iu": PAPER_TOTAL_REGIONS, "empty_masks": int((~ok).sum()),
         "mean_kept_patch_fraction": float(n_patches[ok].mean() / side**2) if ok.any() else 0.0,
         "regions_per_s": round(len(rows) / max(timer(), 1e-9), 1), "per_disease": per})

@@ -11,12 +11,12 @@ import numpy as np
 import torch
 
 from amrg.data.store import load_images, load_studies
-from amrg.io import autocast, save_tensors, setup_runtime, write_json, write_text
+from amrg.io import autocast, save_tensors, setup_runtime, write_json
 from amrg.metrics.classification import multilabel_metrics
 from amrg.models.classifier import ClassifierSpec, DiseaseClassifier, binarise_targets, predict_proba as predict
 from amrg.train import LoopConfig, fit
 
-from .common import ARTIFACTS, CHECKPOINTS, Timer, fingerprint, is_phantom, start, write_resolved
+from .common import ARTIFACTS, CHECKPOINTS, Timer, fingerprint, is_phantom, log_history, start, write_resolved
 
 PRE, OUT = ARTIFACTS / "preprocess", ARTIFACTS / "classifier"
 
@@ -67,8 +67,7 @@ def main(argv: list[str] | None = None) -> None:
                                       "val_mean_ap": val_metrics["mean_ap"], "epochs": len(history),
                                       "train_images_per_s": round(len(train) * len(history) / train_seconds, 1),
                                       "val": val_metrics})
-    write_text(OUT / "history.csv", "epoch,train_loss,val_loss,val_auroc\n" + "".join(
-        f"{h['epoch']},{h['train_loss']:.6f},{h['val_loss']:.6f},{h['val_auroc']:.6f}\n" for h in history))
+    log_history(OUT, history)
     write_resolved(OUT, vision=params.vision, qformer=params.qformer, classifier=c, runtime=params.runtime)
     log.info("val mean AUROC %.3f after %d epochs (%.0fs)", val_metrics["mean_auroc"] or float("nan"),
              len(history), train_seconds)

@@ -12,14 +12,14 @@ import torch
 
 from amrg.data.store import load_images, load_studies
 from amrg.config import to_dict
-from amrg.io import autocast, load_tensors, save_tensors, setup_runtime, write_json, write_text
+from amrg.io import autocast, load_tensors, save_tensors, setup_runtime, write_json
 from amrg.models.features import N_VIEWS, study_features
 from amrg.models.generator import ReportGenerator
 from amrg.models.llm import build_llm, save_llm_spec
 from amrg.models.load import load_classifier
 from amrg.train import LoopConfig, fit
 
-from .common import ARTIFACTS, CHECKPOINTS, Timer, fingerprint, is_phantom, start, write_resolved
+from .common import ARTIFACTS, CHECKPOINTS, Timer, fingerprint, is_phantom, log_history, start, write_resolved
 
 PRE, CLS, BANKS, OUT = ARTIFACTS / "preprocess", ARTIFACTS / "classifier", ARTIFACTS / "banks", ARTIFACTS / "generator"
 
@@ -95,8 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     write_json(OUT / "metrics.json", {"phantom_images": is_phantom(), "best_val_loss": min(h["val_loss"] for h in history),
                                       "epochs": len(history), "trainable_parameters": n_trainable,
                                       "train_samples_per_s": round(len(train) * len(history) / seconds, 1)})
-    write_text(OUT / "history.csv", "epoch,train_loss,val_loss\n" + "".join(
-        f"{h['epoch']},{h['train_loss']:.6f},{h['val_loss']:.6f}\n" for h in history))
+    log_history(OUT, history)
     write_resolved(OUT, generator=g, llm=params.llm, hopfield=params.hopfield, runtime=params.runtime)
     log.info("generator: best val loss %.4f, %d trainable parameters, %.0fs", min(h["val_loss"] for h in history),
              n_trainable, seconds)
