@@ -106,7 +106,7 @@ def fit(model: torch.nn.Module, n_train: int, batch_loss: Callable[[torch.Tensor
                     save()
                     raise StopAfter(f"stopped after {steps_this_run} steps")
         metrics = {"epoch": state["epoch"] + 1, "train_loss": running / max(seen, 1), **validate()}
-        log.info("epoch %d: %s", state["epoch"] + 1, {k: round(v, 4) for k, v in metrics.items()})
+        log.info("epoch %d: %s", state["epoch"] + 1, {k: round(v, 4) for k, v in metrics.items() if "/" not in k})
         state["history"].append(metrics)
         score = metrics[select]
         better = state["best_score"] is None or (score < state["best_score"] if mode == "min" else score > state["best_score"])

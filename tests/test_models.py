@@ -127,3 +127,20 @@ def test_report_sampling_proportional_and_seeded():
     rows = sentence_rows(["a . b .", "a . c ."], ["s1", "s2"], [(0, 0), (1, 2)])
     assert rows["sentence"] == ["a", "b", "c"] and rows["count"] == [2, 1, 1] and rows["study_id"] == ["s1", "s1", "s2"]
     del rng
+
+
+def test_vision_checkpoint_loads_local_weights(tmp_path):
+    from safetensors.torch import save_file
+
+    from amrg.models.vision import VisionEncoder
+
+    src = VisionEncoder("swin_tiny_patch4_window7_224", **TINY)
+    save_file({k: v.contiguous() for k, v in src.model.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    dst = VisionEncoder("swin_tiny_patch4_window7_224", checkpoint=str(tmp_path / "w.safetensors"), **TINY)
+    for k, v in src.model.state_dict().items():
+        assert torch.equal(v, dst.model.state_dict()[k]), k
+    torch.save({"state_dict": {k: v for k, v in list(src.model.state_dict().items())[:3]}}, tmp_path / "part.pt")
+    with pytest.raises(ValueError, match="lacks"):
+        VisionEncoder("swin_tiny_patch4_window7_224", checkpoint=str(tmp_path / "part.pt"), **TINY)
+    with pytest.raises(FileNotFoundError, match="vision.checkpoint"):
+        VisionEncoder("swin_tiny_patch4_window7_224", checkpoint=str(tmp_path / "nope.pt"), **TINY)
