@@ -165,7 +165,11 @@ class Hopfield:
 class Llm:
     source: Literal["scratch", "pretrained"] = "pretrained"
     name: str = "meta-llama/Llama-2-7b-hf"  # HF id or local dir when source=pretrained
-    trainable: Literal["none", "full"] = "none"
+    trainable: Literal["none", "lora", "full"] = "none"
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_targets: list = field(default_factory=lambda: ["q_proj", "v_proj"])
     # Architecture of a Llama-family LM built from scratch (source=scratch) with a word-level
     # tokenizer trained on the training reports.
     hidden_size: int = 128
@@ -175,7 +179,7 @@ class Llm:
     min_word_freq: int = 2
 
     def check(self) -> list[str]:
-        errs = _positive(self, "llm", ["hidden_size", "layers", "heads", "intermediate_size", "min_word_freq"])
+        errs = _positive(self, "llm", ["hidden_size", "layers", "heads", "intermediate_size", "min_word_freq", "lora_r"])
         if self.hidden_size % self.heads:
             errs.append("llm.hidden_size must be divisible by llm.heads")
         if self.source == "scratch" and self.trainable == "none":

@@ -86,8 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     seconds = timer()
     save_tensors(OUT / "weights.safetensors", best)
     save_llm_spec(OUT, params.llm, llm, tokenizer)
-    write_json(OUT / "config.json", {"llm": {"source": params.llm.source, "name": params.llm.name,
-                                             "trainable": params.llm.trainable},
+    write_json(OUT / "config.json", {"llm": to_dict(params.llm),
                                      "hopfield": to_dict(params.hopfield), "prompt": g.prompt,
                                      "visual_pool": g.visual_pool, "visual_dim": feats["train"][0].shape[-1],
                                      "query_dim": feats["train"][1].shape[-1]})

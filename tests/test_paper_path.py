@@ -67,3 +67,33 @@ def test_report_encoder_from_pypi_package():
     out = enc.encode(["no pleural effusion", "there is no effusion in the pleura", "the heart is enlarged"])
     cos = torch.nn.functional.cosine_similarity(torch.from_numpy(out[:1]), torch.from_numpy(out[1:]))
     assert out.shape == (3, 384) and cos[0] > cos[1]  # a real pretrained encoder: paraphrase is closer
+
+
+def test_lora_trains_only_adapters_and_round_trips(tmp_path):
+    _tiny_llama(tmp_path / "llm")
+    cfg = Llm(source="pretrained", name=str(tmp_path / "llm"), trainable="lora", lora_r=4, lora_alpha=8,
+              lora_dropout=0.0, lora_targets=["q_proj", "v_proj"])
+    torch.manual_seed(0)
+    llm, tok = build_llm(cfg)
+    gen = ReportGenerator(llm, tok, 16, 8, torch.randn(5, 16), None, Hopfield(dim=8), "generate a report .")
+    state = {k: v.clone() for k, v in gen.trainable_state_dict().items()}
+    llm_keys = [k for k in state if k.startswith("llm.")]
+    assert llm_keys and all("lora_" in k for k in llm_keys)  # adapters only, never the frozen base
+    f, fd = torch.randn(1, 3, 16), torch.randn(1, 14, 8)
+    ids = torch.tensor([tok("the heart is normal .", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]])
+    opt = torch.optim.AdamW([p for p in gen.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        opt.zero_grad()
+        gen(f, fd, ids, torch.ones_like(ids)).backward()
+        opt.step()
+    gen.eval()
+    trained = gen.trainable_state_dict()
+    assert any(not torch.equal(trained[k], state[k]) for k in llm_keys if "lora_B" in k)
+    llm2, tok2 = load_llm(tmp_path, {"source": "pretrained", "name": str(tmp_path / "llm"), "trainable": "lora",
+                                     "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "lora_targets": ["q_proj", "v_proj"]})
+    gen2 = ReportGenerator(llm2, tok2, 16, 8, torch.randn(5, 16), None, Hopfield(dim=8), "generate a report .")
+    gen2.v_hopfield.memory.copy_(gen.v_hopfield.memory)
+    gen2.load_trainable(trained)
+    gen2.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(gen2(f, fd, ids, torch.ones_like(ids)), gen(f, fd, ids, torch.ones_like(ids)))

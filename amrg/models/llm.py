@@ -4,7 +4,9 @@
 ``llm.source = scratch`` builds a ``LlamaForCausalLM`` of the configured size and trains a word-level
 tokenizer on the *training* reports (plus the prompt's words): the embedded default. Both are then
 driven identically through ``inputs_embeds`` by :class:`~amrg.models.generator.ReportGenerator`.
-``llm.trainable = none`` freezes every LLM weight (paper); ``full`` trains them (tiny scratch LM only).
+``llm.trainable = none`` freezes every LLM weight (paper); ``lora`` adds trainable low-rank adapters
+(``peft``; ``llm.lora_r``, ``lora_alpha``, ``lora_dropout``, ``lora_targets``) to a frozen base, and only
+the adapters are saved; ``full`` trains every weight (tiny scratch LM only).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ def build_llm(cfg, train_texts: list[str] | None = None, prompt: str = "", dtype
         model = LlamaForCausalLM(scratch_config(cfg, len(tokenizer), tokenizer))
     else:
         model, tokenizer = _load_pretrained(cfg.name, dtype)
-    return _set_trainable(model, cfg.trainable), tokenizer
+    return _set_trainable(model, cfg), tokenizer
 
 
 def _load_pretrained(name: str, dtype: torch.dtype):
@@ -60,9 +62,15 @@ def _load_pretrained(name: str, dtype: torch.dtype):
     return model, tokenizer
 
 
-def _set_trainable(model, trainable: str):
+def _set_trainable(model, cfg):
+    """Freeze or unfreeze the LM as ``cfg.trainable`` says; ``lora`` wraps it with adapters."""
     for p in model.parameters():
-        p.requires_grad_(trainable == "full")
+        p.requires_grad_(cfg.trainable == "full")
+    if cfg.trainable == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                                 target_modules=list(cfg.lora_targets), task_type="CAUSAL_LM"))
     return model
 
 
@@ -76,11 +84,15 @@ def save_llm_spec(out_dir: Path, cfg, model, tokenizer) -> None:
 
 
 def load_llm(gen_dir: Path, cfg, dtype: torch.dtype = torch.float32):
-    """Rebuild the (model, tokenizer) of a trained generator directory; weights come separately."""
-    if cfg["source"] == "scratch":
+    """Rebuild the (model, tokenizer) of a trained generator directory; weights come separately.
+    ``cfg`` is the ``llm`` section saved in the generator's config.json."""
+    from ..config import Llm
+
+    cfg = Llm(**cfg)
+    if cfg.source == "scratch":
         tokenizer = PreTrainedTokenizerFast.from_pretrained(gen_dir / "tokenizer")
         config = LlamaConfig.from_dict(json.loads((gen_dir / "llm_config.json").read_text()))
         model = LlamaForCausalLM(config)
     else:
-        model, tokenizer = _load_pretrained(cfg["name"], dtype)
-    return _set_trainable(model, cfg["trainable"]), tokenizer
+        model, tokenizer = _load_pretrained(cfg.name, dtype)
+    return _set_trainable(model, cfg), tokenizer
