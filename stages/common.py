@@ -58,7 +58,7 @@ def log_history(out_dir: Path, history: list[dict]) -> None:
         for h in history:
             for k, v in h.items():
                 if k != "epoch":
-                    live.log_metric(k, v)  # "val_auroc/Cardiomegaly" -> plots/metrics/val_auroc/Cardiomegaly.tsv
+                    live.log_metric(k, v)  # "val_auroc_label/Cardiomegaly" -> plots/metrics/val_auroc_label/Cardiomegaly.tsv
             live.next_step()
 
 

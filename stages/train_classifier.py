@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
         t = targets[val].numpy()
         bce = torch.nn.functional.binary_cross_entropy(torch.from_numpy(probs).clamp(1e-6, 1 - 1e-6), targets[val])
         m = multilabel_metrics(t, probs)
-        per_label = {f"val_auroc/{k}": v["auroc"] for k, v in m["per_label"].items() if v["auroc"] is not None}
+        per_label = {f"val_auroc_label/{k}": v["auroc"] for k, v in m["per_label"].items() if v["auroc"] is not None}
         return {"val_loss": float(bce), "val_auroc": m["mean_auroc"] or 0.0, **per_label}
 
     loop = LoopConfig(c.epochs, c.batch_size, c.lr, c.weight_decay, c.warmup_steps, 1, c.checkpoint_every,
