@@ -48,18 +48,21 @@ def write_resolved(out_dir: Path, **sections) -> None:
 
 
 def log_history(out_dir: Path, history: list[dict]) -> None:
-    """Per-epoch training curves through dvclive (``out_dir/dvclive``) for ``dvc plots show/diff``.
-
-    Written from the loop's full history at the end, so a resumed run still logs every epoch.
+    """Per-epoch training curves for ``dvc plots show/diff``, in dvclive's file layout:
+    ``out_dir/dvclive/plots/metrics/<name>.tsv`` (columns ``step``, ``<name>``) and a last-step summary
+    ``out_dir/dvclive/metrics.json``. Written from the loop's full history, so a resumed run still
+    logs every epoch. (dvclive's ``Live`` itself is not used: it fails in a git repo without commits
+    and ``dvc init``s a plain git repo when a stage runs outside DVC.)
     """
-    from dvclive import Live
+    from amrg.io import write_text
 
-    with Live(str(out_dir / "dvclive"), dvcyaml=False, save_dvc_exp=False, report=None) as live:
-        for h in history:
-            for k, v in h.items():
-                if k != "epoch":
-                    live.log_metric(k, v)  # "val_auroc_label/Cardiomegaly" -> plots/metrics/val_auroc_label/Cardiomegaly.tsv
-            live.next_step()
+    root = out_dir / "dvclive"
+    names = [k for k in history[0] if k != "epoch"] if history else []
+    for name in names:
+        rows = "".join(f"{step}\t{h[name]}\n" for step, h in enumerate(history) if name in h)
+        write_text(root / "plots" / "metrics" / f"{name}.tsv", f"step\t{name.rsplit('/', 1)[-1]}\n{rows}")
+    write_json(root / "metrics.json", {**{k: v for k, v in history[-1].items() if k != "epoch"},
+                                       "step": len(history) - 1} if history else {})
 
 
 def is_phantom() -> bool:

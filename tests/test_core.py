@@ -116,3 +116,14 @@ def test_decode_image_modes_and_errors(tmp_path):
     (tmp_path / "link.png").symlink_to("/etc/hostname")
     with pytest.raises(ImageError, match="path_outside_images_dir"):
         decode_image(tmp_path, "link.png", 32)
+
+
+def test_log_history_writes_dvc_plot_files(tmp_path):
+    from stages.common import log_history
+
+    log_history(tmp_path, [{"epoch": 1, "train_loss": 2.0, "val_auroc_label/Edema": 0.5},
+                           {"epoch": 2, "train_loss": 1.5, "val_auroc_label/Edema": 0.75}])
+    root = tmp_path / "dvclive"
+    assert (root / "plots/metrics/train_loss.tsv").read_text() == "step\ttrain_loss\n0\t2.0\n1\t1.5\n"
+    assert (root / "plots/metrics/val_auroc_label/Edema.tsv").read_text() == "step\tEdema\n0\t0.5\n1\t0.75\n"
+    assert read_json(root / "metrics.json") == {"train_loss": 1.5, "val_auroc_label/Edema": 0.75, "step": 1}
