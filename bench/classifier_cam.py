@@ -158,7 +158,7 @@ def throughput(a, device: torch.device) -> None:
                     b, a.warmup, a.repeats, a.iters, device)
     miner.close()
     base = r["timm fwd+bwd"]
-    print(f"\n| measurement | images/s | ratio to timm fwd+bwd |\n|---|---:|---:|")
+    print("\n| measurement | images/s | ratio to timm fwd+bwd |\n|---|---:|---:|")
     for n, v in r.items():
         print(f"| {n} | {v:.1f} | {v / base:.2f} |")
 
