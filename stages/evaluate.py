@@ -28,8 +28,7 @@ from amrg.models.generator import ReportGenerator
 from amrg.models.llm import load_llm
 from amrg.models.load import load_classifier
 
-from .common import ARTIFACTS, PHANTOM_FLAG, Timer, is_phantom, start, write_resolved
-from .train_generator import load_banks
+from .common import ARTIFACTS, PHANTOM_FLAG, Timer, is_phantom, load_banks, start, write_resolved
 
 PRE, CLS, GEN, OUT = ARTIFACTS / "preprocess", ARTIFACTS / "classifier", ARTIFACTS / "generator", ARTIFACTS / "eval"
 

@@ -12,14 +12,14 @@ import torch
 
 from amrg.data.store import load_images, load_studies
 from amrg.config import to_dict
-from amrg.io import autocast, load_tensors, save_tensors, setup_runtime, write_json
+from amrg.io import autocast, save_tensors, setup_runtime, write_json
 from amrg.models.features import N_VIEWS, study_features
 from amrg.models.generator import ReportGenerator
 from amrg.models.llm import build_llm, save_llm_spec
 from amrg.models.load import load_classifier
 from amrg.train import LoopConfig, fit
 
-from .common import ARTIFACTS, CHECKPOINTS, Timer, fingerprint, is_phantom, log_history, start, write_resolved
+from .common import ARTIFACTS, CHECKPOINTS, Timer, fingerprint, is_phantom, load_banks, log_history, start, write_resolved
 
 PRE, CLS, BANKS, OUT = ARTIFACTS / "preprocess", ARTIFACTS / "classifier", ARTIFACTS / "banks", ARTIFACTS / "generator"
 
@@ -34,13 +34,6 @@ def tokenize_reports(tokenizer, reports: list[str], max_tokens: int) -> tuple[to
     for i, x in enumerate(ids):
         out[i, : len(x)], mask[i, : len(x)] = torch.tensor(x), 1
     return out, mask
-
-
-def load_banks(hopfield) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The memory banks that the Hopfield switches turn on (None for a switched-off memory)."""
-    v = load_tensors(BANKS / "visual" / "bank.safetensors")["bank"] if hopfield.visual else None
-    r = load_tensors(BANKS / "report" / "bank.safetensors")["bank"] if hopfield.report else None
-    return v, r
 
 
 def main(argv: list[str] | None = None) -> None:
