@@ -28,9 +28,13 @@ class Runtime:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["fp32", "bf16"] = "fp32"
     num_threads: int = 0  # 0: let torch decide
+    # Training stages relaunch themselves under torchrun with this many processes (one per GPU;
+    # gloo on CPU). 1: a plain process. Also runs as is under `torchrun`/`accelerate launch`.
+    num_processes: int = 1
 
     def check(self) -> list[str]:
-        return [] if self.num_threads >= 0 else ["runtime.num_threads must be >= 0"]
+        errs = [] if self.num_threads >= 0 else ["runtime.num_threads must be >= 0"]
+        return errs + _positive(self, "runtime", ["num_processes"])
 
 
 @dataclass(frozen=True)
@@ -143,9 +147,28 @@ class VisualBank:
 
 
 @dataclass(frozen=True)
+class BankIndex:
+    """The faiss index behind ``hopfield.top_k``: exact (IndexFlatIP) below ``threshold`` rows, else
+    approximate (``kind``: IVF-Flat with ``nlist`` lists (0: 4·√n) searched ``nprobe`` at a time, or
+    HNSW with ``hnsw_m`` links and ``ef_search``). On a GPU build of faiss, flat and IVF run on the GPU."""
+
+    threshold: int = 100_000
+    kind: Literal["ivf", "hnsw"] = "ivf"
+    nlist: int = 0
+    nprobe: int = 32
+    hnsw_m: int = 32
+    ef_search: int = 128
+
+    def check(self) -> list[str]:
+        errs = _positive(self, "banks.index", ["threshold", "nprobe", "hnsw_m", "ef_search"])
+        return errs + ([] if self.nlist >= 0 else ["banks.index.nlist must be >= 0 (0: 4*sqrt(n))"])
+
+
+@dataclass(frozen=True)
 class Banks:
     visual: VisualBank = field(default_factory=VisualBank)
     report: ReportBank = field(default_factory=ReportBank)
+    index: BankIndex = field(default_factory=BankIndex)
 
 
 @dataclass(frozen=True)
@@ -156,9 +179,11 @@ class Hopfield:
     steps: int = 1
     eta: float = 0.1
     dim: int = 768
+    top_k: int = 0  # 0: dense softmax over the whole bank; k: exact softmax over the bank's top-k (faiss)
 
     def check(self) -> list[str]:
-        return _positive(self, "hopfield", ["beta", "steps", "eta", "dim"])
+        errs = _positive(self, "hopfield", ["beta", "steps", "eta", "dim"])
+        return errs + ([] if self.top_k >= 0 else ["hopfield.top_k must be >= 0 (0: dense)"])
 
 
 @dataclass(frozen=True)
@@ -177,6 +202,7 @@ class Llm:
     heads: int = 4
     intermediate_size: int = 256
     min_word_freq: int = 2
+    gradient_checkpointing: bool = False  # recompute LLM activations in backward (less memory)
 
     def check(self) -> list[str]:
         errs = _positive(self, "llm", ["hidden_size", "layers", "heads", "intermediate_size", "min_word_freq", "lora_r"])
@@ -199,6 +225,8 @@ class Generator:
     weight_decay: float = 0.0
     warmup_steps: int = 0
     checkpoint_every: int = 50
+    # checkpoint selection: lowest val loss, or highest val BLEU-4 of greedy reports (max_report_tokens)
+    select: Literal["val_loss", "val_bleu4"] = "val_bleu4"
 
     def check(self) -> list[str]:
         return _positive(self, "generator", ["visual_pool", "max_report_tokens", "epochs", "batch_size",

@@ -127,11 +127,14 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 
 
 def setup_runtime(runtime: Any) -> torch.device:
-    """Seed, set threads, pick the device; returns it. ``runtime`` is :class:`amrg.config.Runtime`."""
+    """Seed, set threads, pick the device (this rank's under a launcher); returns it.
+    ``runtime`` is :class:`amrg.config.Runtime`."""
     seed_everything(runtime.seed)
     if runtime.num_threads:
         torch.set_num_threads(runtime.num_threads)
-    device = resolve_device(runtime.device)
+    from .dist import init
+
+    device = init(resolve_device(runtime.device))  # joins the process group under torchrun
     log.info("device=%s precision=%s seed=%d", device, runtime.precision, runtime.seed)
     return device
 

@@ -6,10 +6,17 @@ written atomically every ``checkpoint_every`` optimizer steps. Batch order is a 
 epoch, so a run killed mid-epoch and started again skips the batches already done and ends with the
 same weights as an uninterrupted run (on CPU). The checkpoint carries a fingerprint of the stage's
 params and inputs: a changed configuration never resumes from a stale state.
+
+Under a launcher (:mod:`amrg.dist`) the model is wrapped in ``DistributedDataParallel`` and each global
+batch is split across the ranks. ``batch_loss`` returns the mean loss of its shard and, optionally, the
+number of items it averaged over (tokens for a language model; samples by default); each rank's loss
+is weighted by its share of the global count, so the averaged gradient is exactly that of the global
+batch's mean loss. Rank 0 writes the checkpoints.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -21,6 +28,7 @@ import torch
 from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from . import dist
 from .io import load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -48,11 +56,29 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[torch.
     return list(torch.randperm(n, generator=g).split(batch_size))
 
 
-def fit(model: torch.nn.Module, n_train: int, batch_loss: Callable[[torch.Tensor], torch.Tensor],
+def shard(batch: torch.Tensor, ctx: dist.Context) -> tuple[torch.Tensor, bool]:
+    """This rank's contiguous slice of a global batch; an empty slice borrows one item, flagged, so
+    every rank still runs the forward/backward that DDP's all-reduce waits for."""
+    local = batch.tensor_split(ctx.world)[ctx.rank]
+    return (local, True) if len(local) else (batch[:1], False)
+
+
+def fit(model: torch.nn.Module, n_train: int,
+        batch_loss: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor | tuple[torch.Tensor, int]],
         validate: Callable[[], dict[str, float]], cfg: LoopConfig, checkpoint: Path, fingerprint: str,
         select: str = "val_loss", mode: str = "min", stop_after_steps: int | None = None,
         ) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    """Train ``model``'s trainable parameters; return (best trainable state, per-epoch history)."""
+    """Train ``model``'s trainable parameters; return (best trainable state, per-epoch history).
+
+    ``batch_loss(module, indices)`` computes the loss through ``module`` (the DDP wrapper when
+    launched, else ``model``) for the training rows ``indices``.
+    """
+    ctx = dist.context()
+    net = model
+    if ctx.world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[ctx.local_rank] if next(model.parameters()).is_cuda else None,
+            broadcast_buffers=False)  # the fixed memory banks are identical on every rank
     params = [p for p in model.parameters() if p.requires_grad]
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -75,6 +101,8 @@ def fit(model: torch.nn.Module, n_train: int, batch_loss: Callable[[torch.Tensor
         log.warning("ignoring checkpoint %s: it was made with other params or inputs", checkpoint)
 
     def save() -> None:
+        if not ctx.is_main:
+            return
         trainable = {n: p.detach() for n, p in zip(names, params)}
         save_checkpoint(checkpoint, {"fingerprint": fingerprint, "model": trainable, "optimizer": opt.state_dict(),
                                      "scheduler": sched.state_dict(), "rng": torch.get_rng_state(), "loop": state})
@@ -83,17 +111,24 @@ def fit(model: torch.nn.Module, n_train: int, batch_loss: Callable[[torch.Tensor
     while state["epoch"] < cfg.epochs:
         batches = epoch_batches(n_train, cfg.batch_size, cfg.seed, state["epoch"])
         model.train()
-        running, seen = 0.0, 0
+        running = torch.zeros(2, dtype=torch.float64)  # Σ loss·items, Σ items (this rank)
         bar = tqdm(range(state["batch"], len(batches)), desc=f"epoch {state['epoch'] + 1}/{cfg.epochs}",
                    leave=False, mininterval=5)
         for b in bar:
-            loss = batch_loss(batches[b])
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss {loss.item()} at epoch {state['epoch']} batch {b}")
-            (loss / cfg.grad_accum).backward()
-            running, seen = running + loss.item(), seen + 1
+            boundary = (b + 1) % cfg.grad_accum == 0 or b + 1 == len(batches)
+            local, real = shard(batches[b], ctx)
+            sync = contextlib.nullcontext() if boundary or ctx.world == 1 else net.no_sync()
+            with sync:
+                out = batch_loss(net, local)
+                loss, count = out if isinstance(out, tuple) else (out, len(local))
+                count = float(count) if real else 0.0
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"non-finite loss {loss.item()} at epoch {state['epoch']} batch {b}")
+                total = float(dist.all_reduce_sum(torch.tensor([count], dtype=torch.float64))[0])
+                (loss * (count * ctx.world / total) / cfg.grad_accum).backward()
+            running += torch.tensor([loss.item() * count, count], dtype=torch.float64)
             state["batch"] = b + 1
-            if (b + 1) % cfg.grad_accum == 0 or b + 1 == len(batches):
+            if boundary:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 opt.step()
                 sched.step()
@@ -105,7 +140,8 @@ def fit(model: torch.nn.Module, n_train: int, batch_loss: Callable[[torch.Tensor
                 if stop_after_steps is not None and steps_this_run >= stop_after_steps:
                     save()
                     raise StopAfter(f"stopped after {steps_this_run} steps")
-        metrics = {"epoch": state["epoch"] + 1, "train_loss": running / max(seen, 1), **validate()}
+        running = dist.all_reduce_sum(running)
+        metrics = {"epoch": state["epoch"] + 1, "train_loss": float(running[0] / max(running[1], 1)), **validate()}
         log.info("epoch %d: %s", state["epoch"] + 1, {k: round(v, 4) for k, v in metrics.items() if "/" not in k})
         state["history"].append(metrics)
         score = metrics[select]
@@ -115,5 +151,7 @@ def fit(model: torch.nn.Module, n_train: int, batch_loss: Callable[[torch.Tensor
         state["epoch"], state["batch"] = state["epoch"] + 1, 0
         save()
     best = copy.deepcopy(state["best"])
-    checkpoint.unlink(missing_ok=True)
+    dist.barrier()
+    if ctx.is_main:
+        checkpoint.unlink(missing_ok=True)
     return best, state["history"]

@@ -2,7 +2,8 @@
 
 Trains on every image of the training studies (each image carries its study's labels) with BCE +
 orthogonality loss, selects the epoch with the best validation mean AUROC, and writes the weights
-(safetensors), the architecture spec, validation metrics and the loss/AUROC history.
+(safetensors), the architecture spec, validation metrics and the loss/AUROC history. Runs
+data-parallel under torchrun when ``runtime.num_processes > 1`` (:mod:`amrg.dist`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from amrg import dist
 from amrg.data.store import load_images, load_studies
 from amrg.io import autocast, save_tensors, setup_runtime, write_json
 from amrg.metrics.classification import multilabel_metrics
@@ -23,6 +25,7 @@ PRE, OUT = ARTIFACTS / "preprocess", ARTIFACTS / "classifier"
 
 def main(argv: list[str] | None = None) -> None:
     params, log = start("train_classifier", argv)
+    dist.relaunch(params.runtime.num_processes, "stages.train_classifier", argv)
     c, timer = params.classifier, Timer()
     device = setup_runtime(params.runtime)
     studies, images = load_studies(PRE / "studies.parquet"), load_images(PRE / "images.parquet")
@@ -40,10 +43,10 @@ def main(argv: list[str] | None = None) -> None:
         pos = targets[train].sum(0)
         pos_weight = ((len(train) - pos) / pos.clamp(min=1)).clamp(max=100).to(device)
 
-    def batch_loss(b: torch.Tensor) -> torch.Tensor:
+    def batch_loss(net: torch.nn.Module, b: torch.Tensor) -> torch.Tensor:
         rows = train[b.numpy()]
         with autocast(device, params.runtime.precision):
-            logits = model(pixels[rows].to(device)).float()
+            logits = net(pixels[rows].to(device)).float()
         return model.loss(logits, targets[rows].to(device), c.ortho_weight, pos_weight)[0]
 
     def validate() -> dict[str, float]:
@@ -61,6 +64,9 @@ def main(argv: list[str] | None = None) -> None:
                         fp, select="val_auroc", mode="max")
     model.load_state_dict(best, strict=False)
     train_seconds = timer()
+    if not dist.context().is_main:
+        dist.shutdown()
+        return
 
     val_metrics = multilabel_metrics(targets[val].numpy(), predict(model, pixels, val, device, params.runtime.precision, c.batch_size))
     save_tensors(OUT / "model.safetensors", model.state_dict())
@@ -73,6 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     write_resolved(OUT, vision=params.vision, qformer=params.qformer, classifier=c, runtime=params.runtime)
     log.info("val mean AUROC %.3f after %d epochs (%.0fs)", val_metrics["mean_auroc"] or float("nan"),
              len(history), train_seconds)
+    dist.shutdown()
 
 
 if __name__ == "__main__":

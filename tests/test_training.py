@@ -14,7 +14,7 @@ def _problem(seed=0):
     x, y = torch.randn(64, 5, generator=g), torch.randn(64, 1, generator=g)
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Dropout(0.2), torch.nn.Linear(8, 1))
-    loss = lambda b: torch.nn.functional.mse_loss(model(x[b]), y[b])  # noqa: E731
+    loss = lambda m, b: torch.nn.functional.mse_loss(m(x[b]), y[b])  # noqa: E731
     val = lambda: {"val_loss": torch.nn.functional.mse_loss(model.eval()(x), y).item()}  # noqa: E731
     return model, loss, val
 
@@ -49,7 +49,7 @@ def test_stale_checkpoint_is_ignored(tmp_path):
 def test_nonfinite_loss_raises(tmp_path):
     model, _, val = _problem()
     with pytest.raises(FloatingPointError, match="non-finite loss"):
-        fit(model, 64, lambda b: torch.tensor(float("nan"), requires_grad=True), val,
+        fit(model, 64, lambda m, b: torch.tensor(float("nan"), requires_grad=True), val,
             LoopConfig(epochs=1, batch_size=8, lr=0.01), tmp_path / "d.pt", "fp")
 
 

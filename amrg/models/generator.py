@@ -4,7 +4,8 @@ Per study: projected visual tokens F (both views), Q-Former query tokens Q (the 
 F_d projected), enhanced tokens F' = per disease [V-Hopfield(F_d[k]), R-Hopfield(F_d[k])] (eq. 8-9,
 2 x 14 rows), the prompt's token embeddings, then BOS + report. All enter the LLM as
 ``inputs_embeds``; the loss covers report tokens only (eq. 12). Ablations: a Hopfield whose bank is
-``None`` is switched off (Table IV rows #01-#04).
+``None`` is switched off (Table IV rows #01-#04). ``hopfield.top_k`` with ``index`` (the
+``banks.index`` options) retrieves from each bank's faiss top-k instead of the whole bank.
 """
 
 from __future__ import annotations
@@ -17,14 +18,14 @@ from .hopfield import HopfieldRetrieval
 
 class ReportGenerator(nn.Module):
     def __init__(self, llm, tokenizer, visual_dim: int, query_dim: int, visual_bank: torch.Tensor | None,
-                 report_bank: torch.Tensor | None, hopfield, prompt: str):
+                 report_bank: torch.Tensor | None, hopfield, prompt: str, index: dict | None = None):
         super().__init__()
         self.llm, self.tokenizer = llm, tokenizer
         hidden = llm.config.hidden_size
         self.proj_visual = nn.Sequential(nn.LayerNorm(visual_dim), nn.Linear(visual_dim, hidden))
         self.proj_query = nn.Sequential(nn.LayerNorm(query_dim), nn.Linear(query_dim, hidden))
         kw = dict(query_dim=query_dim, hidden_dim=hopfield.dim, out_dim=hidden, beta=hopfield.beta,
-                  steps=hopfield.steps, eta=hopfield.eta)
+                  steps=hopfield.steps, eta=hopfield.eta, top_k=hopfield.top_k, index=index)
         self.v_hopfield = HopfieldRetrieval(memory=visual_bank, **kw) if visual_bank is not None else None
         self.r_hopfield = HopfieldRetrieval(memory=report_bank, **kw) if report_bank is not None else None
         ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]

@@ -11,6 +11,10 @@ by ``steps - 1`` gradient steps of eq. 3-5 with step size η:
 and is then read out as ``softmax(β ξ Kᵀ / √d) V``. With ``steps = 1`` this is exactly the one-step
 retrieval ``softmax(β q Kᵀ / √d) V`` of Ramsauer et al.; large β retrieves the value of the nearest
 stored pattern. The output width is the LLM's hidden size (paper 4,096).
+
+``top_k > 0`` restricts every query to the k bank rows with the largest initial scores ξ₀·k_j, found by
+a faiss inner-product search over the frozen bank (:mod:`amrg.models.memory_index`); the descent and
+the readout are then exact over those k rows. Equal to the dense path when k >= n.
 """
 
 from __future__ import annotations
@@ -20,35 +24,52 @@ import math
 import torch
 from torch import nn
 
+from .memory_index import MemoryIndex
+
+
+def _scores(xi: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``ξKᵀ/√d`` for shared keys ``(n, d)`` or per-query keys ``(..., n, d)``; masked rows get -inf."""
+    s = (keys @ xi.unsqueeze(-1)).squeeze(-1) if keys.ndim > 2 else xi @ keys.T
+    s = s / math.sqrt(keys.shape[-1])
+    return s if mask is None else s.masked_fill(~mask, float("-inf"))
+
+
+def _mix(weights: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``Σ_j w_j r_j`` for shared ``(n, c)`` or per-query ``(..., n, c)`` rows."""
+    return (weights.unsqueeze(-2) @ rows).squeeze(-2) if rows.ndim > 2 else weights @ rows
+
 
 def hopfield_energy(xi: torch.Tensor, xi0: torch.Tensor, keys: torch.Tensor, beta: float) -> torch.Tensor:
     """Eq. 2 per query: ``||ξ-ξ₀||² - β·logsumexp(ξKᵀ/√d)``; shapes (..., d), (..., d), (n, d)."""
-    d = keys.shape[-1]
-    return (xi - xi0).pow(2).sum(-1) - beta * torch.logsumexp(xi @ keys.T / math.sqrt(d), dim=-1)
+    return (xi - xi0).pow(2).sum(-1) - beta * torch.logsumexp(_scores(xi, keys), dim=-1)
 
 
-def hopfield_descent(xi0: torch.Tensor, keys: torch.Tensor, beta: float, eta: float, n_steps: int) -> torch.Tensor:
+def hopfield_descent(xi0: torch.Tensor, keys: torch.Tensor, beta: float, eta: float, n_steps: int,
+                     mask: torch.Tensor | None = None) -> torch.Tensor:
     """``n_steps`` gradient steps (eq. 3-5) on the energy of eq. 2, starting from ξ₀."""
-    d = keys.shape[-1]
     xi = xi0
     for _ in range(n_steps):
-        alpha = torch.softmax(xi @ keys.T / math.sqrt(d), dim=-1)
-        grad = 2 * (xi - xi0) - (beta / math.sqrt(d)) * (alpha @ keys)
+        alpha = torch.softmax(_scores(xi, keys, mask), dim=-1)
+        grad = 2 * (xi - xi0) - (beta / math.sqrt(keys.shape[-1])) * _mix(alpha, keys)
         xi = xi - eta * grad
     return xi
 
 
-def hopfield_retrieve(xi: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, beta: float) -> torch.Tensor:
+def hopfield_retrieve(xi: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, beta: float,
+                      mask: torch.Tensor | None = None) -> torch.Tensor:
     """One-step retrieval ``softmax(β ξ Kᵀ / √d) V`` (Ramsauer et al., eq. 6 readout)."""
-    d = keys.shape[-1]
-    return torch.softmax(beta * (xi @ keys.T) / math.sqrt(d), dim=-1) @ values
+    return _mix(torch.softmax(beta * _scores(xi, keys, mask), dim=-1), values)
 
 
 class HopfieldRetrieval(nn.Module):
-    """V-/R-Hopfield: learned projections θ over a fixed memory bank (registered, not saved)."""
+    """V-/R-Hopfield: learned projections θ over a fixed memory bank (registered, not saved).
+
+    ``index`` (a dict of :class:`~amrg.models.memory_index.MemoryIndex` options) is used when
+    ``0 < top_k < n``; the index is built lazily on the bank's device at the first forward.
+    """
 
     def __init__(self, query_dim: int, memory: torch.Tensor, hidden_dim: int, out_dim: int,
-                 beta: float = 4.0, steps: int = 1, eta: float = 0.1):
+                 beta: float = 4.0, steps: int = 1, eta: float = 0.1, top_k: int = 0, index: dict | None = None):
         super().__init__()
         if memory.ndim != 2 or memory.shape[0] == 0:
             raise ValueError(f"memory bank must be a non-empty (n, d) matrix, got {tuple(memory.shape)}")
@@ -59,9 +80,27 @@ class HopfieldRetrieval(nn.Module):
         self.k_proj = nn.Linear(memory.shape[1], hidden_dim)
         self.v_proj = nn.Linear(memory.shape[1], out_dim)
         self.beta, self.steps, self.eta = beta, steps, eta
+        self.top_k, self.index_options = (top_k if 0 < top_k < memory.shape[0] else 0), dict(index or {})
+        self._index: MemoryIndex | None = None
 
     def forward(self, queries: torch.Tensor) -> torch.Tensor:
         """``(B, Q, query_dim)`` -> ``(B, Q, out_dim)``."""
-        keys, values = self.k_proj(self.memory), self.v_proj(self.memory)
-        xi = hopfield_descent(self.q_proj(queries), keys, self.beta, self.eta, self.steps - 1)
-        return hopfield_retrieve(xi, keys, values, self.beta)
+        xi0 = self.q_proj(queries)
+        if not self.top_k:
+            keys, values = self.k_proj(self.memory), self.v_proj(self.memory)
+            xi = hopfield_descent(xi0, keys, self.beta, self.eta, self.steps - 1)
+            return hopfield_retrieve(xi, keys, values, self.beta)
+        ids = self.candidates(xi0)  # (B, Q, k), -1 where an approximate index found fewer
+        mask = ids >= 0
+        rows = self.memory[ids.clamp(min=0)]  # (B, Q, k, d_m)
+        keys, values = self.k_proj(rows), self.v_proj(rows)
+        xi = hopfield_descent(xi0, keys, self.beta, self.eta, self.steps - 1, mask)
+        return hopfield_retrieve(xi, keys, values, self.beta, mask)
+
+    @torch.no_grad()
+    def candidates(self, xi0: torch.Tensor) -> torch.Tensor:
+        """Bank rows with the top-k scores ξ₀·k_j: an inner-product search of ``W_kᵀ ξ₀`` over the raw bank."""
+        if self._index is None:
+            self._index = MemoryIndex(self.memory, **self.index_options)
+        query = xi0.reshape(-1, xi0.shape[-1]).float() @ self.k_proj.weight.float()
+        return self._index.search(query, self.top_k).reshape(*xi0.shape[:-1], -1)

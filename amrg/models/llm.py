@@ -66,6 +66,8 @@ def _set_trainable(model, cfg):
     """Freeze or unfreeze the LM as ``cfg.trainable`` says; ``lora`` wraps it with adapters."""
     for p in model.parameters():
         p.requires_grad_(cfg.trainable == "full")
+    if getattr(cfg, "gradient_checkpointing", False):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if cfg.trainable == "lora":
         from peft import LoraConfig, get_peft_model
 
