@@ -149,19 +149,19 @@ class VisualBank:
 @dataclass(frozen=True)
 class BankIndex:
     """The faiss index behind ``hopfield.top_k``: exact (IndexFlatIP) below ``threshold`` rows, else
-    approximate (``kind``: IVF-Flat with ``nlist`` lists (0: 4·√n) searched ``nprobe`` at a time, or
+    approximate (``kind``: IVF-Flat with ``nlist`` lists (0: √n) searched ``nprobe`` at a time, or
     HNSW with ``hnsw_m`` links and ``ef_search``). On a GPU build of faiss, flat and IVF run on the GPU."""
 
     threshold: int = 100_000
     kind: Literal["ivf", "hnsw"] = "ivf"
-    nlist: int = 0
+    nlist: int = 0  # 0: sqrt(n)
     nprobe: int = 32
     hnsw_m: int = 32
     ef_search: int = 128
 
     def check(self) -> list[str]:
         errs = _positive(self, "banks.index", ["threshold", "nprobe", "hnsw_m", "ef_search"])
-        return errs + ([] if self.nlist >= 0 else ["banks.index.nlist must be >= 0 (0: 4*sqrt(n))"])
+        return errs + ([] if self.nlist >= 0 else ["banks.index.nlist must be >= 0 (0: sqrt(n))"])
 
 
 @dataclass(frozen=True)
@@ -252,6 +252,13 @@ class Evaluate:
     meteor: bool = True
     ce_uncertain_as: Literal["negative", "positive"] = "negative"
     ce_labels: Literal["all14", "common5"] = "all14"
+    bootstrap: int = 1000  # resamples of the test studies for 95% CIs (amrg.metrics.bootstrap); 0: no CIs
+    report_samples: int = 8  # test studies shown in eval/report.html (images, CAMs, reports); 0: tables only
+
+    def check(self) -> list[str]:
+        errs = _positive(self, "evaluate", ["batch_size"])
+        return errs + [f"evaluate.{k} must be >= 0 (got {getattr(self, k)!r})"
+                       for k in ("bootstrap", "report_samples") if getattr(self, k) < 0]
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,8 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
+from amrg.data.clean import report_sentences
+
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
@@ -91,6 +93,19 @@ def test_dvc_repro_tiny_profile(repo):
     stats = json.loads((dst / "artifacts/preprocess/stats.json").read_text())
     assert stats["studies"] == {"train": 12, "val": 12, "test": 12} and stats["phantom_images"]
 
+    # both memory banks hold training material only
+    studies = pq.read_table(dst / "artifacts/preprocess/studies.parquet").to_pydict()
+    split = dict(zip(studies["id"], studies["split"]))
+    train_text = {s for r, sp in zip(studies["report"], studies["split"]) if sp == "train" for s in report_sentences(r)}
+    heldout_only = {s for r, sp in zip(studies["report"], studies["split"]) if sp != "train"
+                    for s in report_sentences(r)} - train_text
+    bank = pq.read_table(dst / "artifacts/banks/report/rows.parquet").to_pydict()
+    assert heldout_only and bank["sentence"]
+    assert {split[i] for i in bank["study_id"]} == {"train"}
+    assert set(bank["sentence"]) <= train_text and not set(bank["sentence"]) & heldout_only
+    visual = pq.read_table(dst / "artifacts/banks/visual/rows.parquet").to_pydict()
+    assert {split[i] for i in visual["study_id"]} == {"train"}
+
     # a second repro runs nothing
     assert _ran(_run(dvc + ["repro"], dst, env)) == []
 
@@ -113,3 +128,33 @@ def test_unknown_param_fails_before_compute(repo):
     p = subprocess.run([sys.executable, "-m", "stages.mine_cam", "--params", str(bad)], cwd=dst, env=env,
                        capture_output=True, text=True, timeout=300)
     assert p.returncode != 0 and "cam.tua: unknown key" in p.stderr
+
+
+def test_generator_stage_on_two_processes_matches_one(repo):
+    """runtime.num_processes=2 relaunches the stage under torchrun (gloo on CPU): the same per-epoch
+    losses and weights as one process; top-k Hopfield retrieval runs through the faiss index."""
+    dst, env = repo
+    if not (dst / "artifacts/banks/report/bank.safetensors").exists():
+        _run([sys.executable, "-m", "dvc", "repro", "encode_report_bank", "encode_visual_bank"], dst, env)
+    params = yaml.safe_load((dst / "params.yaml").read_text())
+    params["generator"].update(epochs=2, select="val_loss", checkpoint_every=1000)
+    params["hopfield"]["top_k"] = 3
+    runs = {}
+    for n in (1, 2):
+        params["runtime"]["num_processes"] = n
+        path = dst / f"params_{n}.yaml"
+        path.write_text(yaml.safe_dump(params, sort_keys=False))
+        out = _run([sys.executable, "-m", "stages.train_generator", "--params", str(path)], dst,
+                   dict(env, CUDA_VISIBLE_DEVICES=""))
+        gen = dst / "artifacts/generator"
+        runs[n] = (json.loads((gen / "metrics.json").read_text()),
+                   (gen / "dvclive/plots/metrics/val_loss.tsv").read_text().split()[2::2],
+                   load_file(str(gen / "weights.safetensors")), out)
+    (m1, v1, w1, _), (m2, v2, w2, out2) = runs[1], runs[2]
+    assert m1["processes"] == 1 and m2["processes"] == 2, out2
+    assert [float(a) == pytest.approx(float(b), rel=1e-4) for a, b in zip(v1, v2)] == [True, True]
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        assert (w1[k] - w2[k]).abs().max() < 1e-3, k
+    (dst / "params_1.yaml").unlink()
+    (dst / "params_2.yaml").unlink()

@@ -28,15 +28,9 @@ from .memory_index import MemoryIndex
 
 
 def _scores(xi: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """``ξKᵀ/√d`` for shared keys ``(n, d)`` or per-query keys ``(..., n, d)``; masked rows get -inf."""
-    s = (keys @ xi.unsqueeze(-1)).squeeze(-1) if keys.ndim > 2 else xi @ keys.T
-    s = s / math.sqrt(keys.shape[-1])
+    """``ξKᵀ/√d``, ``(..., n)``; where ``mask (..., n)`` is False the score is -inf (not a candidate)."""
+    s = xi @ keys.T / math.sqrt(keys.shape[-1])
     return s if mask is None else s.masked_fill(~mask, float("-inf"))
-
-
-def _mix(weights: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """``Σ_j w_j r_j`` for shared ``(n, c)`` or per-query ``(..., n, c)`` rows."""
-    return (weights.unsqueeze(-2) @ rows).squeeze(-2) if rows.ndim > 2 else weights @ rows
 
 
 def hopfield_energy(xi: torch.Tensor, xi0: torch.Tensor, keys: torch.Tensor, beta: float) -> torch.Tensor:
@@ -50,7 +44,7 @@ def hopfield_descent(xi0: torch.Tensor, keys: torch.Tensor, beta: float, eta: fl
     xi = xi0
     for _ in range(n_steps):
         alpha = torch.softmax(_scores(xi, keys, mask), dim=-1)
-        grad = 2 * (xi - xi0) - (beta / math.sqrt(keys.shape[-1])) * _mix(alpha, keys)
+        grad = 2 * (xi - xi0) - (beta / math.sqrt(keys.shape[-1])) * (alpha @ keys)
         xi = xi - eta * grad
     return xi
 
@@ -58,7 +52,7 @@ def hopfield_descent(xi0: torch.Tensor, keys: torch.Tensor, beta: float, eta: fl
 def hopfield_retrieve(xi: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, beta: float,
                       mask: torch.Tensor | None = None) -> torch.Tensor:
     """One-step retrieval ``softmax(β ξ Kᵀ / √d) V`` (Ramsauer et al., eq. 6 readout)."""
-    return _mix(torch.softmax(beta * _scores(xi, keys, mask), dim=-1), values)
+    return torch.softmax(beta * _scores(xi, keys, mask), dim=-1) @ values
 
 
 class HopfieldRetrieval(nn.Module):
@@ -90,9 +84,15 @@ class HopfieldRetrieval(nn.Module):
             keys, values = self.k_proj(self.memory), self.v_proj(self.memory)
             xi = hopfield_descent(xi0, keys, self.beta, self.eta, self.steps - 1)
             return hopfield_retrieve(xi, keys, values, self.beta)
+        # the union U of every query's candidates is projected once; each query's softmax runs over
+        # its own k rows of U (the others are masked), so the cost scales with |U| <= B·Q·k, not n
         ids = self.candidates(xi0)  # (B, Q, k), -1 where an approximate index found fewer
-        mask = ids >= 0
-        rows = self.memory[ids.clamp(min=0)]  # (B, Q, k, d_m)
+        found = ids >= 0
+        union, where = ids[found].unique(return_inverse=True)
+        mask = torch.zeros(*ids.shape[:-1], len(union), dtype=torch.bool, device=ids.device)
+        query_of = torch.arange(found.shape[:-1].numel(), device=ids.device).view(*ids.shape[:-1], 1).expand_as(ids)
+        mask.view(-1, len(union))[query_of[found], where] = True
+        rows = self.memory[union]
         keys, values = self.k_proj(rows), self.v_proj(rows)
         xi = hopfield_descent(xi0, keys, self.beta, self.eta, self.steps - 1, mask)
         return hopfield_retrieve(xi, keys, values, self.beta, mask)

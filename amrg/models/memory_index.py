@@ -49,7 +49,7 @@ class MemoryIndex:
             index, self.kind = faiss.IndexHNSWFlat(d, hnsw_m, faiss.METRIC_INNER_PRODUCT), "hnsw"
             index.hnsw.efSearch = ef_search
         else:
-            nlist = nlist or int(4 * math.sqrt(n))
+            nlist = nlist or max(1, int(math.sqrt(n)))
             index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
             index.cp.seed = seed
             sample = x[np.random.default_rng(seed).permutation(n)[: min(n, 64 * nlist)]]
