@@ -130,3 +130,20 @@ def test_scratch_llm_spec_round_trip(tmp_path):
     llm2, tok2 = load_llm(tmp_path, {"source": "scratch", "name": "", "trainable": "full"})
     assert tok2.get_vocab() == tok.get_vocab() and llm2.config.hidden_size == 32
     assert tok2.decode(tok2("the heart is normal .")["input_ids"]) == "the heart is normal ."
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        llm, tok = build_llm(Llm(source="scratch", trainable="full", hidden_size=32, layers=2, heads=2,
+                                 intermediate_size=64, min_word_freq=1, gradient_checkpointing=ckpt), REPORTS, PROMPT)
+        assert llm.is_activation_checkpointing == ckpt
+        gen = ReportGenerator(llm, tok, 24, 16, torch.randn(12, 24), torch.randn(9, 40), Hopfield(dim=16), PROMPT)
+        gen.train()
+        torch.manual_seed(1)
+        gen(*_batch(tok)).backward()
+        grads.append({n: p.grad.clone() for n, p in gen.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for k in grads[0]:
+        torch.testing.assert_close(grads[0][k], grads[1][k], rtol=1e-4, atol=1e-6)
