@@ -11,7 +11,8 @@ over the k rows found (keys and values projected for those rows only, so a 1M-ro
 1M x 4096 value matrix). With ``k >= n`` the result equals the dense retrieval.
 
 Below ``threshold`` rows the index is exact (``IndexFlatIP``); past it, IVF-Flat or HNSW (approximate,
-recall reported by ``bench/hopfield_topk.py``). With a GPU build of faiss and a CUDA bank, flat and IVF
+recall reported by ``bench/hopfield_topk.py``; IVF, the default, holds its recall on high-dimensional
+banks far better than HNSW's inner-product graph). With a GPU build of faiss and a CUDA bank, flat and IVF
 indexes are moved to the GPU.
 """
 
@@ -47,7 +48,7 @@ class MemoryIndex:
             index, self.kind = faiss.IndexFlatIP(d), "flat"
         elif kind == "hnsw":
             index, self.kind = faiss.IndexHNSWFlat(d, hnsw_m, faiss.METRIC_INNER_PRODUCT), "hnsw"
-            index.hnsw.efSearch = ef_search
+            self.ef_search = ef_search
         else:
             nlist = nlist or max(1, int(math.sqrt(n)))
             index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
@@ -66,6 +67,8 @@ class MemoryIndex:
     def search(self, queries: torch.Tensor, k: int) -> torch.Tensor:
         """Row ids ``(q, k)`` (long, on the queries' device) of the k largest inner products; an
         approximate index may find fewer than k rows, marked -1."""
-        q = np.ascontiguousarray(queries.detach().float().cpu().numpy())
-        _, ids = self.index.search(q, min(k, self.n))
+        q = queries.detach().float().cpu().numpy()
+        if self.kind == "hnsw":
+            self.index.hnsw.efSearch = max(self.ef_search, k)  # the search beam must hold k results
+        _, ids = self.index.search(np.ascontiguousarray(q), min(k, self.n))
         return torch.from_numpy(ids).to(queries.device)
