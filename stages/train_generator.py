@@ -94,13 +94,9 @@ def main(argv: list[str] | None = None) -> None:
         for b in torch.arange(len(val)).split(g.batch_size):
             loss, n = loss_on(model, "val", b)
             total, n_tokens = total + float(loss) * n, n_tokens + n
-            if g.select == "val_bleu4":
-                with autocast(device, params.runtime.precision):
-                    hyps += model.generate(feats["val"][0][b].to(device), feats["val"][1][b].to(device), greedy)
-        out = {"val_loss": total / max(n_tokens, 1)}
-        if g.select == "val_bleu4":
-            out["val_bleu4"] = nlg_scores(val_reports, hyps, meteor=False)["BLEU_4"]
-        return out
+            with autocast(device, params.runtime.precision):
+                hyps += model.generate(feats["val"][0][b].to(device), feats["val"][1][b].to(device), greedy)
+        return {"val_loss": total / max(n_tokens, 1), "val_bleu4": nlg_scores(val_reports, hyps, meteor=False)["BLEU_4"]}
 
     loop = LoopConfig(g.epochs, g.batch_size, g.lr, g.weight_decay, g.warmup_steps, g.grad_accum,
                       g.checkpoint_every, params.runtime.seed)
@@ -125,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     chosen = max(history, key=lambda h: h[g.select]) if g.select == "val_bleu4" else min(history, key=lambda h: h["val_loss"])
     write_json(OUT / "metrics.json", {
         "phantom_images": is_phantom(), "select": g.select, "best_epoch": chosen["epoch"],
-        "best_val_loss": chosen["val_loss"], "best_val_bleu4": chosen.get("val_bleu4"),
+        "best_val_loss": chosen["val_loss"], "best_val_bleu4": chosen["val_bleu4"],
         "epochs": len(history), "trainable_parameters": n_trainable, "processes": ctx.world,
         "train_samples_per_s": round(len(train) * len(history) / fit_seconds, 1),  # incl. validation
         "peak_memory_mb": peak_memory_mb(device), "seconds": seconds})
