@@ -60,6 +60,41 @@ class CamMiner:
         self.cam.activations_and_grads.release()
 
 
+# --- for people: a CAM drawn over its image, and where it points in words
+def heat_overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.6) -> np.ndarray:
+    """uint8 ``(H, W)`` image + ``(H, W)`` CAM in [0, 1] -> uint8 RGB ``(H, W, 3)``: a jet-like heat map
+    blended in proportion to the activation, so weak activations leave the radiograph visible."""
+    c = np.clip(np.asarray(cam, dtype=np.float32), 0.0, 1.0)[..., None]
+    heat = np.clip(1.5 - np.abs(4 * c - np.array([3.0, 2.0, 1.0], np.float32)), 0.0, 1.0) * 255.0
+    gray = np.repeat(np.asarray(image, dtype=np.float32)[..., None], 3, axis=2)
+    a = alpha * c
+    return (gray * (1 - a) + heat * a).round().clip(0, 255).astype(np.uint8)
+
+
+_ROWS, _COLS = ("upper", "middle", "lower"), ("left", "centre", "right")
+
+
+def cam_location(cam: np.ndarray, patch: int, tau: float) -> dict:
+    """Where a ``(H, W)`` CAM points, in image coordinates (the viewer's left/right, not the patient's):
+
+    ``peak`` (x, y) of the maximum (the centre of its plateau) as fractions of width/height, ``where`` the peak's third of the image
+    ("lower left"), ``kept`` the share of ``patch`` blocks eq. 1 keeps at ``tau`` and ``box`` their bounding
+    box ``[x0, y0, x1, y1]`` in fractions (None when no block is kept).
+    """
+    cam = np.asarray(cam, dtype=np.float64)
+    h, w = cam.shape
+    ys, xs = np.nonzero(cam >= cam.max() - 1e-6)  # the maximum is often a plateau: its centre
+    px, py = float(xs.mean() + 0.5) / w, float(ys.mean() + 0.5) / h
+    where = f"{_ROWS[min(int(py * 3), 2)]} {_COLS[min(int(px * 3), 2)]}".replace("middle centre", "centre")
+    mask = patch_mask(cam[None], patch, tau)[0]
+    box = None
+    if mask.any():
+        rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+        gh, gw = mask.shape
+        box = [round(float(v), 3) for v in (cols[0] / gw, rows[0] / gh, (cols[-1] + 1) / gw, (rows[-1] + 1) / gh)]
+    return {"peak": [round(px, 3), round(py, 3)], "where": where, "kept": round(float(mask.mean()), 3), "box": box}
+
+
 # --- localisation scores: a CAM against a ground-truth region (e.g. :func:`amrg.data.phantoms.phantom_regions`)
 def _check_pair(cam: np.ndarray, region: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     cam, region = np.asarray(cam, dtype=np.float64), np.asarray(region, dtype=bool)

@@ -1,7 +1,11 @@
-"""``amrg`` command: check params, show the state of a workspace.
+"""``amrg`` command: check params, generate reports for new images, show the state of a workspace.
 
-    amrg check [--params params.yaml]   validate every key before running anything
-    amrg show  [--params params.yaml]   params hash, data flag, stage status (dvc) and headline metrics
+    amrg check    [--params params.yaml]     validate every key before running anything
+    amrg generate IMAGE [IMAGE ...] [--run artifacts] [--study] [--cam-dir DIR] [--json]
+                                             report, predicted labels and where CAM points, per image
+                                             (--study: the images are the views of one study)
+    amrg show     [--params params.yaml] [--run artifacts]
+                                             params hash, data version, stage status (dvc) and metrics
 """
 
 from __future__ import annotations
@@ -9,12 +13,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-from .config import ParamsError, load_params
+from .config import Params, ParamsError, load_params, to_dict
+
+MAX_CAMS = 3  # predicted diseases whose CAM is described per study
 
 
 def _check(args) -> int:
@@ -27,32 +32,211 @@ def _check(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------ generate
+def _fail(msg: str) -> int:
+    print(f"amrg generate: {msg}", file=sys.stderr)
+    return 2
+
+
+def _decode(paths: list[str], size: int):
+    """Decode like preprocess does (amrg.data.images): grayscale uint8, resized to the run's image size."""
+    import numpy as np
+
+    from .data.images import ImageError, decode_image
+
+    out = []
+    for p in map(Path, paths):
+        if not p.is_file():
+            raise ValueError(f"image not found: {p}" + (" (a directory)" if p.is_dir() else ""))
+        try:
+            out.append(decode_image(p.resolve().parent, p.name, size))
+        except ImageError as e:
+            raise ValueError(f"cannot read image {p}: {e.detail} ({e.reason}); expected an image file that "
+                             f"PIL reads (PNG, JPEG, TIFF, ...), complete and not truncated") from e
+    return np.stack(out)
+
+
+def describe(run, pixels, view_rows, params: Params, batch_size: int = 8) -> list[dict]:
+    """Per study: the generated report, the classifier's labels above 0.5 and where each predicted
+    disease's CAM points (amrg.cam.cam_location); overlays as RGB arrays under ``"overlays"``."""
+    import numpy as np
+    import torch
+
+    from .cam import cam_location, heat_overlay
+    from .labels.schema import CHEXPERT_14
+
+    x = torch.from_numpy(pixels)
+    f, fd = run.features(x, view_rows)
+    reports = run.generate(f, fd, params.decode, batch_size)
+    probs = run.probabilities(x, np.arange(len(pixels)), batch_size)
+    out = []
+    for s, rows in enumerate(view_rows):
+        views = list(dict.fromkeys(int(r) for r in rows))
+        p = probs[views].mean(0)
+        predicted = [(CHEXPERT_14[d], float(p[d])) for d in np.argsort(-p) if p[d] > 0.5]
+        targets = [CHEXPERT_14.index(n) for n, _ in predicted if n != "No Finding"][:MAX_CAMS]
+        jobs = [(d, v) for d in targets for v in views]
+        cams = run.cams(x[[v for _, v in jobs]], [d for d, _ in jobs], params.cam.method) if jobs else []
+        where = [{"label": CHEXPERT_14[d], "image": v, **cam_location(c, params.cam.patch, params.cam.tau)}
+                 for (d, v), c in zip(jobs, cams)]
+        overlays = [heat_overlay(pixels[v], c) for (_, v), c in zip(jobs, cams)]
+        out.append({"report": reports[s], "predicted": predicted, "cam": where, "overlays": overlays})
+    return out
+
+
+def _generate(args) -> int:
+    import numpy as np
+
+    from .inference import MissingArtifacts, check_run, load_run
+    from .io import read_json, resolve_device
+
+    run_dir = Path(args.run)
+    try:
+        check_run(run_dir)
+    except MissingArtifacts as e:
+        return _fail(str(e))
+    params = load_params(args.params) if Path(args.params).is_file() else Params()
+    size = int(read_json(run_dir / "classifier" / "config.json")["spec"]["img_size"])
+    try:
+        pixels = _decode(args.images, size)
+    except ValueError as e:
+        return _fail(str(e))
+    rows = np.array([[0, min(1, len(pixels) - 1)]]) if args.study else np.repeat(np.arange(len(pixels))[:, None], 2, 1)
+    stats = run_dir / "preprocess" / "stats.json"
+    phantom = stats.is_file() and read_json(stats).get("phantom_images", False)
+    run = load_run(run_dir, resolve_device(params.runtime.device), params.runtime.precision)
+    results = describe(run, pixels, rows, params)
+    names = [" + ".join(args.images[:2])] if args.study else args.images
+    if args.cam_dir:
+        from PIL import Image
+
+        for name, r in zip(names, results):
+            for c, ov in zip(r["cam"], r["overlays"]):
+                dst = Path(args.cam_dir) / f"{Path(args.images[c['image']]).stem}_{c['label'].lower().replace(' ', '_')}.png"
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(ov).save(dst)
+                c["overlay"] = str(dst)
+    for r in results:
+        r.pop("overlays")
+    if args.json:
+        print(json.dumps([{"images": n, **r, "phantom_trained": phantom} for n, r in zip(names, results)], indent=2))
+        return 0
+    if phantom:
+        print("note: this run was trained on PHANTOM images (the embedded default); reports for real X-rays "
+              "are not meaningful", file=sys.stderr)
+    for name, r in zip(names, results):
+        print(f"== {name}")
+        print("predicted labels (p > 0.5): " + (", ".join(f"{n} {p:.2f}" for n, p in r["predicted"]) or "none"))
+        for c in r["cam"]:
+            box = c["box"]
+            kept = (f"; eq. 1 keeps {c['kept']:.0%} of the patches, box x {box[0]:.2f}-{box[2]:.2f}, y {box[1]:.2f}-{box[3]:.2f}"
+                    if box else "; no patch above cam.tau")
+            print(f"  {params.cam.method} {c['label']} on {args.images[c['image']]}: {c['where']} of the image "
+                  f"(peak x {c['peak'][0]:.2f}, y {c['peak'][1]:.2f}{kept})" + (f" -> {c['overlay']}" if "overlay" in c else ""))
+        print(f"report: {r['report']}\n")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- show
+def _md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest() if path.is_file() else "missing"
+
+
+def _locked_md5(dep: str) -> str | None:
+    import yaml
+
+    lock = Path("dvc.lock")
+    if not lock.is_file():
+        return None
+    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+    return next((d.get("md5") for s in stages.values() for d in s.get("deps", []) if d.get("path") == dep), None)
+
+
+def _stage_status() -> list[str]:
+    """One line per dvc.yaml stage from ``dvc status --json``."""
+    import yaml
+
+    p = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], capture_output=True, text=True)
+    if p.returncode != 0:
+        return [f"  dvc status failed: {(p.stderr or p.stdout).strip().splitlines()[-1:]}"]
+    status = json.loads(p.stdout or "{}")
+    names = list((yaml.safe_load(Path("dvc.yaml").read_text()) or {}).get("stages", {})) if Path("dvc.yaml").is_file() else list(status)
+    lines = []
+    for name in names:
+        what = []
+        for entry in status.get(name, []):
+            if isinstance(entry, str):
+                what.append(entry)
+                continue
+            for kind, changed in entry.items():
+                items = [f"{k}" + (f" ({', '.join(v)})" if isinstance(v, dict) else "") for k, v in changed.items()]
+                what.append(f"{kind}: {', '.join(items)}")
+        lines.append(f"  {name:20} {'; '.join(what) if what else 'up to date'}")
+    return lines
+
+
 def _show(args) -> int:
-    params = load_params(args.params)
-    digest = hashlib.sha256(Path(args.params).read_bytes()).hexdigest()[:12]
-    print(f"params {args.params} sha256:{digest}  dataset={params.data.dataset}  "
-          f"images={'PHANTOM' if params.data.images_dir is None else params.data.images_dir}")
-    if shutil.which("dvc"):
-        status = subprocess.run(["dvc", "status"], capture_output=True, text=True)
-        print("dvc status:", (status.stdout or status.stderr).strip() or "up to date")
-    metrics = Path("artifacts/eval/metrics.json")
-    if not metrics.exists():
-        print("no evaluation yet: run `dvc repro`")
+    try:
+        params = load_params(args.params)
+    except ParamsError as e:
+        print(e, file=sys.stderr)
+        return 2
+    canon = hashlib.sha256(json.dumps(to_dict(params), sort_keys=True).encode()).hexdigest()[:12]
+    git = subprocess.run(["git", "log", "-1", "--format=%h %s"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True).stdout.splitlines()
+    print(f"commit   {git or '(no git commit)'}" + (f"  [{len(dirty)} uncommitted changes]" if dirty else ""))
+    print(f"params   {args.params}  sha256 {canon} (of the validated values)")
+    ann = params.data.annotation
+    now, locked = _md5(Path(ann)), _locked_md5(ann)
+    state = "" if locked is None else ("  = dvc.lock" if locked == now else f"  != dvc.lock {locked[:8]} (rerun preprocess)")
+    images = "PHANTOM (drawn from the labels)" if params.data.images_dir is None else params.data.images_dir
+    print(f"data     {params.data.dataset}: {ann} md5 {now[:8]}{state}; images {images}")
+    stats = Path(args.run) / "preprocess" / "stats.json"
+    if stats.is_file():
+        st = json.loads(stats.read_text())
+        print(f"         studies {st['studies']}, skipped {st.get('skipped', 0)}")
+    print("stages   (dvc status)")
+    print("\n".join(_stage_status()))
+    metrics = Path(args.run) / "eval" / "metrics.json"
+    if not metrics.is_file():
+        print("metrics  no evaluation yet: run `dvc repro` (or `dvc repro evaluate`)")
         return 0
     m = json.loads(metrics.read_text())
-    print(("PHANTOM IMAGES  " if m.get("phantom_images") else "") + f"test studies {m['n_test']}")
+    ci = m.get("ci95") or {}
+    print("metrics  " + ("PHANTOM IMAGES, " if m.get("phantom_images") else "") + f"{m['n_test']} test studies"
+          + (", ± half-width of the 95% bootstrap CI" if ci else ""))
+    keys = [("BLEU_4", "BLEU-4"), ("METEOR", "METEOR"), ("ROUGE_L", "ROUGE-L"), ("CIDEr", "CIDEr"), ("ce.f1", "CE F1")]
+    print(f"  {'':18}" + "".join(f"{lab:>13}" for _, lab in keys))
     for name, r in [("model", m["model"])] + list(m.get("baselines", {}).items()):
-        print(f"  {name:14} BLEU-4 {r['BLEU_4']:.3f}  ROUGE-L {r['ROUGE_L']:.3f}  CE F1 {r['ce']['f1']:.3f}")
+        cells = []
+        for k, _ in keys:
+            v = r["ce"]["f1"] if k == "ce.f1" else r.get(k)
+            c = (ci.get(name, {}).get("ce", {}).get("f1") if k == "ce.f1" else ci.get(name, {}).get(k))
+            txt = "-" if v is None else f"{v:.3f}" + (f"±{(c['hi'] - c['lo']) / 2:.3f}" if c else "")
+            cells.append(f"{txt:>13}")
+        print(f"  {name:18}" + "".join(cells))
+    if (conv := m.get("ce_convention")):
+        print(f"  CE: {conv.get('headline', '')}")
+    if Path(args.run, "eval", "report.html").is_file():
+        print(f"  report: {Path(args.run, 'eval', 'report.html')}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="amrg", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for name, fn in (("check", _check), ("show", _show)):
-        p = sub.add_parser(name)
+    for name, fn, helptext in (("check", _check, "validate params"), ("show", _show, "state of this workspace"),
+                               ("generate", _generate, "reports for new images")):
+        p = sub.add_parser(name, help=helptext)
         p.add_argument("--params", default="params.yaml")
+        if name != "check":
+            p.add_argument("--run", default="artifacts", help="artifacts directory of a trained run (default: artifacts)")
         p.set_defaults(fn=fn)
+        if name == "generate":
+            p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, TIFF, ...)")
+            p.add_argument("--study", action="store_true", help="the images are the views of one study (first two used)")
+            p.add_argument("--cam-dir", default=None, help="write CAM overlays (PNG) of the predicted diseases here")
+            p.add_argument("--json", action="store_true", help="print JSON instead of text")
     args = ap.parse_args(argv)
     return args.fn(args)
 

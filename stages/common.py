@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from amrg.config import Params, load_params, to_dict
-from amrg.io import load_tensors, setup_logging, write_json
+from amrg.io import setup_logging, write_json
 
 ARTIFACTS = Path("artifacts")
 CHECKPOINTS = Path("checkpoints")
@@ -63,13 +63,6 @@ def log_history(out_dir: Path, history: list[dict]) -> None:
         write_text(root / "plots" / "metrics" / f"{name}.tsv", f"step\t{name.rsplit('/', 1)[-1]}\n{rows}")
     write_json(root / "metrics.json", {**{k: v for k, v in history[-1].items() if k != "epoch"},
                                        "step": len(history) - 1} if history else {})
-
-
-def load_banks(hopfield):
-    """The memory banks that the Hopfield switches turn on (None for a switched-off memory)."""
-    v = load_tensors(ARTIFACTS / "banks" / "visual" / "bank.safetensors")["bank"] if hopfield.visual else None
-    r = load_tensors(ARTIFACTS / "banks" / "report" / "bank.safetensors")["bank"] if hopfield.report else None
-    return v, r
 
 
 def is_phantom() -> bool:

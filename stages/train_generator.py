@@ -18,6 +18,7 @@ import torch
 from amrg import dist
 from amrg.config import Decode, to_dict
 from amrg.data.store import load_images, load_studies
+from amrg.inference import load_banks
 from amrg.io import autocast, save_tensors, setup_runtime, write_json
 from amrg.metrics import nlg_scores
 from amrg.models.features import N_VIEWS, study_features
@@ -26,7 +27,7 @@ from amrg.models.llm import build_llm, save_llm_spec
 from amrg.models.load import load_classifier
 from amrg.train import LoopConfig, fit
 
-from .common import ARTIFACTS, CHECKPOINTS, Timer, fingerprint, is_phantom, load_banks, log_history, start, write_resolved
+from .common import ARTIFACTS, CHECKPOINTS, Timer, fingerprint, is_phantom, log_history, start, write_resolved
 
 PRE, CLS, BANKS, OUT = ARTIFACTS / "preprocess", ARTIFACTS / "classifier", ARTIFACTS / "banks", ARTIFACTS / "generator"
 
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     val_reports = [studies.reports[i] for i in val]
     frozen_bf16 = params.runtime.precision == "bf16" and device.type == "cuda" and params.llm.trainable != "full"
     llm, tokenizer = build_llm(params.llm, train_reports, g.prompt, torch.bfloat16 if frozen_bf16 else torch.float32)
-    visual_bank, report_bank = load_banks(params.hopfield)
+    visual_bank, report_bank = load_banks(params.hopfield, ARTIFACTS)
     index = to_dict(params.banks.index)
     model = ReportGenerator(llm, tokenizer, feats["train"][0].shape[-1], feats["train"][1].shape[-1],
                             visual_bank, report_bank, params.hopfield, g.prompt, index).to(device)

@@ -98,6 +98,18 @@ def test_cider_degenerate_cases():
     assert nlg_scores(docs, docs, meteor=False)["CIDEr"] == pytest.approx((7.5 + 10.0) / 2, abs=1e-6)
 
 
+def test_cider_by_hand():
+    # refs "a b", "c d"; hyps "a b", "c e". N = 2, every reference n-gram has df 1 and a hypothesis-only
+    # n-gram df 0 -> max(1, 0): every idf is log 2 - log 1 = L.
+    # study 1 (identical): n=1 cosine 1, n=2 cosine 1, n=3,4 no n-grams -> 0; mean 2/4 -> x10 = 5
+    # study 2: n=1 hyp {c: L, e: L}, ref {c: L, d: L}: min(L, L) * L / (sqrt(2) L * sqrt(2) L) = 1/2;
+    #          n=2 "c e" vs "c d": 0 -> mean 0.5/4 -> x10 = 1.25;  equal bigram counts: no length penalty
+    s = nlg_scores(["a b", "c d"], ["a b", "c e"], meteor=False)
+    assert s["CIDEr"] == pytest.approx((5 + 1.25) / 2, abs=1e-9)
+    # the idf comes from the evaluated references: a corpus of one report twice has df 2 = N -> idf 0
+    assert nlg_scores(["a b", "a b"], ["a b", "a b"], meteor=False)["CIDEr"] == 0.0
+
+
 def test_lowercase_and_whitespace_normalised():
     a = nlg_scores(["The Heart  is normal .\n"], ["the heart is NORMAL ."], meteor=False)
     assert a["BLEU_4"] == pytest.approx(1.0, abs=1e-6)
@@ -180,7 +192,9 @@ def meteor_runs():
         identical = nlg_scores(docs, docs)
         # disjoint words, plus an empty hypothesis
         disjoint = nlg_scores(["heart size is normal", "xqzv wpkj", "lungs are clear"], ["lungs are clear", "mmbr trql", ""])
-    return {"identical": identical, "disjoint": disjoint, "procs": procs}
+        # every word matched exactly, in two chunks
+        permuted = nlg_scores(["heart size normal lungs clear bilaterally"], ["lungs clear bilaterally heart size normal"])
+    return {"identical": identical, "disjoint": disjoint, "permuted": permuted, "procs": procs}
 
 
 @needs_java
@@ -196,8 +210,16 @@ def test_meteor_disjoint_and_empty_is_zero(meteor_runs):
 
 
 @needs_java
+def test_meteor_fragmentation_by_hand(meteor_runs):
+    # all 6 words match exactly -> P = R = Fmean = 1 (whatever the content/function word weights);
+    # the alignment has 2 chunks over m = 6 matches -> Meteor 1.5 English (gamma 0.6, beta 0.2):
+    # penalty = 0.6 * (2/6)^0.2, score = 1 - penalty
+    assert meteor_runs["permuted"]["METEOR"] == pytest.approx(1 - 0.6 * (2 / 6) ** 0.2, abs=1e-6)
+
+
+@needs_java
 def test_meteor_java_process_is_closed(meteor_runs):
-    assert len(meteor_runs["procs"]) == 2
+    assert len(meteor_runs["procs"]) == 3
     for proc in meteor_runs["procs"]:
         assert proc.poll() is not None and proc.stdin.closed and proc.stdout.closed
 

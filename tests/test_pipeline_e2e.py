@@ -90,6 +90,10 @@ def test_dvc_repro_tiny_profile(repo):
         assert 0.0 <= metrics["model"][key] <= 10.0
     assert {"precision", "recall", "f1"} <= set(metrics["model"]["ce"])
     assert "most_frequent" in metrics["baselines"]
+    ci = metrics["ci95"]["model"]  # evaluate.bootstrap resamples of the 12 test studies
+    assert ci["BLEU_4"]["lo"] <= ci["BLEU_4"]["hi"] and "f1" in ci["ce"] and "METEOR" not in ci
+    report = (dst / "artifacts/eval/report.html").read_text()
+    assert '<table id="metrics">' in report and report.count('class="study"') == 8
     stats = json.loads((dst / "artifacts/preprocess/stats.json").read_text())
     assert stats["studies"] == {"train": 12, "val": 12, "test": 12} and stats["phantom_images"]
 

@@ -58,23 +58,9 @@ def ce_scores(
     "recall", "f1"}``), ``"per_label"`` (``{name: {"precision", "recall", "f1", "support"}}``,
     support = reference positives) and ``"convention"``.  All values are plain Python numbers.
     """
-    if uncertain_as not in UNCERTAIN_AS:
-        raise ValueError(f"unknown uncertain_as {uncertain_as!r}; allowed: {', '.join(UNCERTAIN_AS)}")
-    if labels not in LABEL_SETS:
-        raise ValueError(f"unknown labels {labels!r}; allowed: {', '.join(LABEL_SETS)}")
-    p = _as_label_array(pred, "pred")
-    r = _as_label_array(ref, "ref")
-    if p.shape != r.shape:
-        raise ValueError(f"pred and ref must have the same shape; got pred {p.shape} and ref {r.shape}")
-
+    tp, fp, fn = ce_counts(pred, ref, uncertain_as, labels)
     names = LABEL_SETS[labels]
-    cols = [CHEXPERT_14.index(n) for n in names]
-    yp = binarize(p, uncertain_as)[:, cols]
-    yr = binarize(r, uncertain_as)[:, cols]
-
-    tp = yp & yr
-    fp = yp & ~yr
-    fn = ~yp & yr
+    yp, yr = tp | fp, tp | fn
     # per label (sum over studies) and per study (sum over labels)
     lab = [x.sum(axis=0) for x in (tp, fp, fn)]
     ex = [x.sum(axis=1) for x in (tp, fp, fn)]
@@ -108,6 +94,30 @@ def ce_scores(
             "n_studies": int(yp.shape[0]),
         },
     }
+
+
+def ce_counts(pred: np.ndarray, ref: np.ndarray, uncertain_as: str = "negative",
+              labels: str = "all14") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Validated, binarised per-study, per-label outcomes: bool ``(N, L)`` arrays TP, FP, FN over the
+    selected labels (the sufficient statistics of every averaging; :mod:`amrg.metrics.bootstrap`
+    resamples their rows)."""
+    if uncertain_as not in UNCERTAIN_AS:
+        raise ValueError(f"unknown uncertain_as {uncertain_as!r}; allowed: {', '.join(UNCERTAIN_AS)}")
+    if labels not in LABEL_SETS:
+        raise ValueError(f"unknown labels {labels!r}; allowed: {', '.join(LABEL_SETS)}")
+    p = _as_label_array(pred, "pred")
+    r = _as_label_array(ref, "ref")
+    if p.shape != r.shape:
+        raise ValueError(f"pred and ref must have the same shape; got pred {p.shape} and ref {r.shape}")
+    cols = [CHEXPERT_14.index(n) for n in LABEL_SETS[labels]]
+    yp = binarize(p, uncertain_as)[:, cols]
+    yr = binarize(r, uncertain_as)[:, cols]
+    return yp & yr, yp & ~yr, ~yp & yr
+
+
+def prf(tp, fp, fn) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Precision, recall, F1 of count arrays (any shape), with ``a/0 := 0``."""
+    return _prf_arrays(tp, fp, fn)
 
 
 def binarize(labels: np.ndarray, uncertain_as: str = "negative") -> np.ndarray:

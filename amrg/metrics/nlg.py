@@ -90,29 +90,9 @@ def nlg_scores(
     ``tokenization``; ``RuntimeError`` when Java is needed (METEOR, PTB) but not found.
     """
     _check_tokenization(tokenization)
-    refs, hyps = list(references), list(hypotheses)
-    if len(refs) != len(hyps):
-        raise ValueError(
-            f"need exactly one reference per hypothesis: got {len(refs)} references and {len(hyps)} hypotheses"
-        )
-    if not refs:
-        raise ValueError("cannot score an empty corpus (0 hypotheses)")
-    for name, texts in (("references", refs), ("hypotheses", hyps)):
-        bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
-        if bad:
-            raise ValueError(f"{name} must be strings; items {bad[:5]} are {type(texts[bad[0]]).__name__}")
-    if meteor or tokenization == "ptb":
-        _require_java("METEOR" if meteor else "the PTB tokenizer")
-
-    # Collapsing whitespace also removes newlines and other line separators, which would break
-    # METEOR's line protocol and the PTB tokenizer's one-line-per-text alignment.
-    refs = [" ".join(t.split()) for t in refs]
-    hyps = [" ".join(t.split()) for t in hyps]
-    if tokenization == "ptb":
-        refs, hyps = _ptb_tokenize(refs), _ptb_tokenize(hyps)
-    else:
-        refs, hyps = [t.lower() for t in refs], [t.lower() for t in hyps]
-
+    if problem := java_problem(tokenization, meteor):
+        raise RuntimeError(f"{problem}: {_JAVA_FIX}")
+    refs, hyps = prepare_texts(references, hypotheses, tokenization)
     gts = {i: [r] for i, r in enumerate(refs)}
     res = {i: [h] for i, h in enumerate(hyps)}
 
@@ -131,14 +111,45 @@ def nlg_scores(
     return {k: out[k] for k in NLG_KEYS if k in out}
 
 
+def prepare_texts(references: list[str], hypotheses: list[str],
+                  tokenization: str = "r2gen") -> tuple[list[str], list[str]]:
+    """Validate and normalise both sides as the protocol says, before any scorer sees them: the texts
+    whose whitespace-separated tokens every scorer (and :mod:`amrg.metrics.bootstrap`) counts."""
+    _check_tokenization(tokenization)
+    refs, hyps = list(references), list(hypotheses)
+    if len(refs) != len(hyps):
+        raise ValueError(
+            f"need exactly one reference per hypothesis: got {len(refs)} references and {len(hyps)} hypotheses"
+        )
+    if not refs:
+        raise ValueError("cannot score an empty corpus (0 hypotheses)")
+    for name, texts in (("references", refs), ("hypotheses", hyps)):
+        bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+        if bad:
+            raise ValueError(f"{name} must be strings; items {bad[:5]} are {type(texts[bad[0]]).__name__}")
+
+    # Collapsing whitespace also removes newlines and other line separators, which would break
+    # METEOR's line protocol and the PTB tokenizer's one-line-per-text alignment.
+    refs = [" ".join(t.split()) for t in refs]
+    hyps = [" ".join(t.split()) for t in hyps]
+    if tokenization == "ptb":
+        refs, hyps = _ptb_tokenize(refs), _ptb_tokenize(hyps)
+    else:
+        refs, hyps = [t.lower() for t in refs], [t.lower() for t in hyps]
+    return refs, hyps
+
+
 def _check_tokenization(tokenization: str) -> None:
     if tokenization not in TOKENIZATIONS:
         raise ValueError(f"unknown tokenization {tokenization!r}; allowed: {', '.join(TOKENIZATIONS)}")
 
 
-def _require_java(what: str) -> None:
-    if shutil.which("java") is None:
-        raise RuntimeError(f"{what} needs Java, but no 'java' executable is on PATH: {_JAVA_FIX}")
+def java_problem(tokenization: str = "r2gen", meteor: bool = True) -> str | None:
+    """Why these NLG settings cannot run here (METEOR or PTB without a ``java`` on PATH), or None."""
+    if (meteor or tokenization == "ptb") and shutil.which("java") is None:
+        what = "METEOR" if meteor else "the PTB tokenizer"
+        return f"{what} needs Java, but no 'java' executable is on PATH"
+    return None
 
 
 def _meteor(gts: dict[int, list[str]], res: dict[int, list[str]]) -> float:

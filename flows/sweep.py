@@ -1,0 +1,378 @@
+"""Prefect flow over a grid of DVC experiments, ending in one comparison table.
+
+    python -m flows.sweep --grid sweeps/paper_tables.yaml [--repo .] [--jobs 1] [--tables table_iv,table_vii]
+                          [--out DIR] [--dry-run]
+
+Each grid point is queued as ``dvc exp run --queue --force --name <grid>-<table>-<NN> -S key=value ...``
+(isolated temp workspaces; unchanged upstream stages come from the DVC cache), the queue is run with
+``dvc queue start -j N`` and watched until every experiment of the sweep has finished, and
+``dvc exp show --json`` is turned into one comparison table: ``comparison.md`` (one table per paper
+table), ``comparison.csv`` (one row per experiment) and a Prefect table artifact ``sweep-<grid>``.
+
+Grid file (YAML)::
+
+    name: paper                      # experiment names and the output folder
+    jobs: 1                          # queue workers (parallel experiments)
+    metrics:                         # column -> [metrics file:]dotted key (default: the evaluate headline)
+      BLEU-4: model.BLEU_4
+    tables:
+      table_vii:
+        title: Hopfield beta
+        grid: {hopfield.beta: [1.0, 4.0]}           # the cartesian product of the lists ...
+        points: [{hopfield.visual: false}]          # ... and/or explicit points
+        set: {decode.num_beams: 1}                  # overrides shared by every point of the table
+
+Every key is checked against the repository's params.yaml before anything is queued.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+import argparse  # noqa: E402
+import csv  # noqa: E402
+import io  # noqa: E402
+import itertools  # noqa: E402
+import json  # noqa: E402
+import re  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import yaml  # noqa: E402
+from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
+
+from flows.dvc_tasks import run_dvc  # noqa: E402
+
+EVAL_METRICS = "artifacts/eval/metrics.json"
+HEADLINE = {"BLEU-1": "model.BLEU_1", "BLEU-4": "model.BLEU_4", "METEOR": "model.METEOR", "ROUGE-L": "model.ROUGE_L",
+            "CIDEr": "model.CIDEr", "CE P": "model.ce.precision", "CE R": "model.ce.recall", "CE F1": "model.ce.f1"}
+DONE = {"Success", "Failed"}
+
+
+class SweepError(RuntimeError):
+    pass
+
+
+@dataclass
+class Grid:
+    name: str
+    tables: dict[str, list[dict[str, Any]]]  # table -> points (key -> value)
+    titles: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, str] = field(default_factory=lambda: dict(HEADLINE))
+    jobs: int = 1
+
+    def experiments(self) -> list[tuple[str, str, dict[str, Any]]]:
+        """(experiment name, table, point) in grid order."""
+        return [(f"{self.name}-{table}-{i:02d}".replace("_", "-"), table, point)
+                for table, points in self.tables.items() for i, point in enumerate(points, 1)]
+
+
+def load_grid(path: str | Path, only: list[str] | None = None) -> Grid:
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    name = str(raw.get("name") or Path(path).stem)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name):
+        raise SweepError(f"grid name {name!r}: letters, digits, '-' and '_' only (it names git refs)")
+    tables, titles = {}, {}
+    for table, spec in (raw.get("tables") or {}).items():
+        if only and table not in only:
+            continue
+        spec = spec or {}
+        unknown = set(spec) - {"title", "grid", "points", "set"}
+        if unknown:
+            raise SweepError(f"table {table}: unknown fields {sorted(unknown)} (allowed: title, grid, points, set)")
+        shared = spec.get("set") or {}
+        grid = spec.get("grid") or {}
+        points = [dict(p) for p in spec.get("points") or []]
+        if grid:
+            keys = list(grid)
+            points += [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
+        if not points:
+            raise SweepError(f"table {table}: no points (give `grid:` lists and/or `points:`)")
+        tables[table] = [{**shared, **p} for p in points]
+        titles[table] = str(spec.get("title", table))
+    if only and (missing := sorted(set(only) - set(tables))):
+        raise SweepError(f"unknown table(s) {missing}; the grid has {sorted((raw.get('tables') or {}))}")
+    if not tables:
+        raise SweepError(f"{path}: no tables")
+    return Grid(name, tables, titles, dict(raw.get("metrics") or HEADLINE), int(raw.get("jobs", 1)))
+
+
+def check_keys(grid: Grid, params_yaml: Path) -> None:
+    """Every swept key must exist in params.yaml: ``-S`` would otherwise add a new key silently."""
+    params = yaml.safe_load(params_yaml.read_text()) or {}
+    bad = set()
+    for _, _, point in grid.experiments():
+        for key in point:
+            node = params
+            for part in key.split("."):
+                if not isinstance(node, dict) or part not in node:
+                    bad.add(key)
+                    break
+                node = node[part]
+    if bad:
+        raise SweepError(f"keys not in {params_yaml}: {', '.join(sorted(bad))}")
+
+
+def set_args(point: dict[str, Any]) -> list[str]:
+    """``{"hopfield.beta": 2.0, "hopfield.visual": False}`` -> ``-S hopfield.beta=2.0 -S hopfield.visual=false``."""
+    out = []
+    for k, v in point.items():
+        out += ["-S", f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"]
+    return out
+
+
+def parse_queue_status(text: str) -> tuple[dict[str, str], tuple[int, int]]:
+    """``dvc queue status`` -> ({experiment name: status}, (active workers, idle workers)); a name queued
+    again keeps its latest row (DVC lists newest first)."""
+    status: dict[str, str] = {}
+    workers = (0, 0)
+    for line in text.splitlines():
+        if m := re.search(r"Worker status:\s*(\d+) active,\s*(\d+) idle", line):
+            workers = (int(m.group(1)), int(m.group(2)))
+            continue
+        parts = line.split()
+        if len(parts) >= 4 and re.fullmatch(r"[0-9a-f]{7,40}", parts[0]) and parts[1] not in status:
+            status[parts[1]] = parts[-1]
+    return status, workers
+
+
+def _dvc(repo: Path, args: list[str], log=print, quiet: bool = False) -> str:
+    res = run_dvc(args, cwd=repo, log=(lambda _: None) if quiet else log, tail_lines=1_000_000)
+    if res.returncode != 0:
+        raise SweepError(f"dvc {' '.join(args)} failed ({res.returncode}):\n" + "\n".join(res.lines[-30:]))
+    return "\n".join(res.lines)
+
+
+def _get(d: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return None
+        d = d[part]
+    return d
+
+
+def collect(show: list[dict], grid: Grid, baseline: bool = True) -> list[dict[str, Any]]:
+    """Rows of the comparison from ``dvc exp show --json``: experiment, table, state, swept params, metrics
+    (and ``<metric> lo`` / ``<metric> hi`` where the evaluate stage wrote a 95% CI for it)."""
+    def row_of(entry: dict) -> dict[str, Any]:
+        data = entry.get("data") or {}
+        params: dict[str, Any] = {}
+        for f in (data.get("params") or {}).values():
+            params.update((f or {}).get("data") or {})
+        return {"params": params, "metrics": {path: (m or {}).get("data") or {}
+                                              for path, m in (data.get("metrics") or {}).items()}}
+
+    def metric(metrics: dict[str, dict], spec: str) -> Any:
+        path, _, key = spec.rpartition(":")
+        files = [path] if path else ([EVAL_METRICS] if EVAL_METRICS in metrics else list(metrics))
+        return next((v for f in files if (v := _get(metrics.get(f), key)) is not None), None)
+
+    found: dict[str, dict] = {}
+    base_rows = []
+    for base in show:
+        if base.get("rev") != "workspace" and baseline:
+            base_rows.append(("baseline", base.get("name") or base.get("rev", "")[:7], row_of(base), "committed"))
+        for exp in base.get("experiments") or []:
+            revs = exp.get("revs") or []
+            if revs and exp.get("name") and exp["name"] not in found:
+                state = (exp.get("executor") or {}).get("state") or ("failed" if revs[0].get("error") else "success")
+                found[exp["name"]] = {"row": row_of(revs[0]), "state": state}
+    keys = list(dict.fromkeys(k for _, _, p in grid.experiments() for k in p))
+    rows = []
+
+    def make(table: str, name: str, got: dict, state: str) -> dict[str, Any]:
+        r: dict[str, Any] = {"table": table, "experiment": name, "state": state}
+        r.update({k: _get(got["params"], k) for k in keys})
+        for label, spec in grid.metrics.items():
+            r[label] = metric(got["metrics"], spec)
+            path, _, key = spec.rpartition(":")
+            head, _, rest = key.partition(".")
+            ci = metric(got["metrics"], f"{path + ':' if path else ''}ci95.{head}.{rest}") if rest else None
+            if isinstance(ci, dict) and "lo" in ci:
+                r[f"{label} lo"], r[f"{label} hi"] = ci["lo"], ci["hi"]
+        return r
+
+    for table, name, got, state in base_rows[:1]:
+        rows.append(make(table, name, got, state))
+    for name, table, _ in grid.experiments():
+        got = found.get(name)
+        rows.append(make(table, name, got["row"], got["state"]) if got else
+                     {"table": table, "experiment": name, "state": "missing"})
+    return rows
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) >= 1e-3 or v == 0 else f"{v:.2e}"
+    return "" if v is None else str(v)
+
+
+def to_markdown(rows: list[dict], grid: Grid) -> str:
+    """One markdown table per paper table; metrics with a CI print as ``value [lo, hi]``."""
+    parts = [f"# Sweep `{grid.name}`\n", "Metric columns: " + ", ".join(f"{k} = `{v}`" for k, v in grid.metrics.items())
+             + ". Brackets: 95% bootstrap CI over test studies (evaluate.bootstrap).\n"]
+    base = [r for r in rows if r["table"] == "baseline"]
+    for table, points in grid.tables.items():
+        swept = list(dict.fromkeys(k for p in points for k in p))
+        cols = ["experiment", "state", *swept, *grid.metrics]
+        parts.append(f"## {grid.titles.get(table, table)} (`{table}`)\n")
+        parts.append("| " + " | ".join(cols) + " |")
+        parts.append("|" + "|".join("---" for _ in cols) + "|")
+        for r in base + [r for r in rows if r["table"] == table]:
+            cells = []
+            for c in cols:
+                v = _fmt(r.get(c))
+                if c in grid.metrics and r.get(f"{c} lo") is not None:
+                    v += f" [{_fmt(r[f'{c} lo'])}, {_fmt(r[f'{c} hi'])}]"
+                cells.append(v)
+            parts.append("| " + " | ".join(cells) + " |")
+        parts.append("")
+    return "\n".join(parts)
+
+
+def to_csv(rows: list[dict]) -> str:
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+# ------------------------------------------------------------------------------------------- Prefect
+def _ensure_dvc_on_path() -> None:
+    """Queue workers start ``dvc`` from PATH: make it this interpreter's (the project venv's)."""
+    bindir = str(Path(sys.executable).parent)
+    if bindir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
+
+
+@task(name="dvc-exp-queue", cache_policy=NO_CACHE)
+def queue_experiments(repo: str, experiments: list[tuple[str, str, dict]]) -> list[str]:
+    logger = get_run_logger()
+    root = Path(repo)
+    for _ in range(60):  # idle workers of an earlier run exit within seconds; a task queued meanwhile is lost
+        _, (active, idle) = parse_queue_status(_dvc(root, ["queue", "status"], quiet=True))
+        if active:
+            raise SweepError(f"{active} DVC queue worker(s) busy in {repo}: wait for them (`dvc queue status`) "
+                             "or stop them (`dvc queue stop`) first")
+        if not idle:
+            break
+        time.sleep(2)
+    for name, table, point in experiments:
+        _dvc(root, ["exp", "run", "--queue", "--force", "--name", name, *set_args(point)], log=logger.info)
+    return [name for name, _, _ in experiments]
+
+
+@task(name="dvc-queue-run", cache_policy=NO_CACHE)
+def run_queue(repo: str, names: list[str], jobs: int, poll_seconds: float, timeout_s: float) -> dict[str, str]:
+    """``dvc queue start -j jobs``, then wait until every experiment of ``names`` is Success/Failed. An
+    experiment still Queued/Running once no worker is left (twice in a row) counts as ``lost``."""
+    logger = get_run_logger()
+    root = Path(repo)
+    _dvc(root, ["queue", "start", "-j", str(jobs)], log=logger.info)
+    t0, idle_polls, last = time.monotonic(), 0, None
+    while True:
+        status, (active, idle) = parse_queue_status(_dvc(root, ["queue", "status"], quiet=True))
+        mine = {n: status.get(n, "missing") for n in names}
+        done = sum(s in DONE for s in mine.values())
+        if (done, active) != last:
+            logger.info("sweep: %d/%d finished, %d worker(s) active", done, len(names), active)
+            last = (done, active)
+        if done == len(names):
+            return mine
+        idle_polls = idle_polls + 1 if active == 0 and idle == 0 else 0
+        if idle_polls >= 2:
+            return {n: s if s in DONE else "lost" for n, s in mine.items()}
+        if time.monotonic() - t0 > timeout_s:
+            raise SweepError(f"sweep not finished after {timeout_s:.0f} s: {mine}")
+        time.sleep(poll_seconds)
+
+
+@task(name="sweep-table", cache_policy=NO_CACHE)
+def comparison(repo: str, grid: Grid, out_dir: str, states: dict[str, str]) -> list[dict]:
+    root = Path(repo)
+    text = _dvc(root, ["exp", "show", "--json"], quiet=True)
+    start = min(i for i in (text.find("["), text.find("{")) if i >= 0)
+    rows = collect(json.loads(text[start:]), grid)
+    for r in rows:
+        if states.get(r["experiment"]) == "lost":
+            r["state"] = "lost"
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    md = to_markdown(rows, grid)
+    (out / "comparison.md").write_text(md)
+    (out / "comparison.csv").write_text(to_csv(rows))
+    key = re.sub(r"[^a-z0-9-]", "-", f"sweep-{grid.name}".lower())
+    create_table_artifact(key=key, table=[{k: v for k, v in r.items()} for r in rows],
+                          description=f"Sweep `{grid.name}`: {len(rows)} rows; also {out / 'comparison.md'}")
+    create_markdown_artifact(key=f"{key}-md", markdown=md, description=f"Sweep `{grid.name}` comparison")
+    get_run_logger().info("comparison written to %s", out)
+    return rows
+
+
+@flow(name="amrg-sweep")
+def sweep_flow(grid: str, repo: str = ".", jobs: int | None = None, tables: list[str] | None = None,
+               out: str | None = None, poll_seconds: float = 10.0, timeout_hours: float = 48.0,
+               dry_run: bool = False) -> list[dict]:
+    """Queue every point of ``grid`` as a DVC experiment, run the queue, write the comparison table."""
+    logger = get_run_logger()
+    root = Path(repo).resolve()
+    g = load_grid(grid, tables)
+    check_keys(g, root / "params.yaml")
+    experiments = g.experiments()
+    out_dir = out or str(root / "artifacts" / "sweeps" / g.name)
+    logger.info("sweep %s: %d experiments in %d table(s) -> %s", g.name, len(experiments), len(g.tables), out_dir)
+    if dry_run:
+        for name, _, point in experiments:
+            logger.info("dvc exp run --queue --force --name %s %s", name, " ".join(set_args(point)))
+        return [{"table": t, "experiment": n, "state": "dry-run", **p} for n, t, p in experiments]
+    _ensure_dvc_on_path()
+    names = queue_experiments(str(root), experiments)
+    states = run_queue(str(root), names, jobs or g.jobs, poll_seconds, timeout_hours * 3600)
+    failed = sorted(n for n, s in states.items() if s != "Success")
+    if failed:
+        logger.warning("%d experiment(s) did not succeed: %s (see `dvc queue logs <name>`)", len(failed), ", ".join(failed))
+    return comparison(str(root), g, out_dir, states)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m flows.sweep", description=__doc__.splitlines()[0])
+    ap.add_argument("--grid", required=True, help="grid YAML (e.g. sweeps/paper_tables.yaml)")
+    ap.add_argument("--repo", default=".", help="directory holding dvc.yaml and params.yaml (default: .)")
+    ap.add_argument("--jobs", type=int, default=None, help="parallel queue workers (default: the grid's `jobs`)")
+    ap.add_argument("--tables", default=None, help="comma-separated tables of the grid to run (default: all)")
+    ap.add_argument("--out", default=None, help="output folder (default: <repo>/artifacts/sweeps/<grid name>)")
+    ap.add_argument("--poll", type=float, default=10.0, help="seconds between queue status checks")
+    ap.add_argument("--dry-run", action="store_true", help="print the dvc commands, run nothing")
+    args = ap.parse_args(argv)
+    only = [t.strip() for t in args.tables.split(",") if t.strip()] if args.tables else None
+    try:
+        g = load_grid(args.grid, only)
+        check_keys(g, Path(args.repo) / "params.yaml")
+    except (SweepError, OSError, yaml.YAMLError) as exc:
+        ap.error(str(exc))
+    try:
+        rows = sweep_flow(grid=args.grid, repo=args.repo, jobs=args.jobs, tables=only, out=args.out,
+                          poll_seconds=args.poll, dry_run=args.dry_run)
+    except SweepError as exc:
+        print(f"sweep failed: {exc}", file=sys.stderr)
+        return 1
+    if args.dry_run:
+        for r in rows:
+            print(r["experiment"], " ".join(set_args({k: v for k, v in r.items() if k not in ("table", "experiment", "state")})))
+        return 0
+    print(to_markdown(rows, g))
+    return 0 if all(r["state"] in ("success", "committed") for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

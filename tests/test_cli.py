@@ -1,0 +1,149 @@
+"""``amrg generate`` on a tiny run built here (random weights, a classifier biased towards Cardiomegaly),
+its error messages, and ``amrg show`` on a synthetic workspace."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from amrg.cli import main
+from amrg.config import Hopfield, Llm, to_dict
+from amrg.inference import RUN_FILES, MissingArtifacts, check_run
+from amrg.io import save_tensors, write_json
+from amrg.labels.schema import CHEXPERT_14
+from amrg.models.classifier import ClassifierSpec, DiseaseClassifier
+from amrg.models.generator import ReportGenerator
+from amrg.models.llm import build_llm, save_llm_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+CARDIO = CHEXPERT_14.index("Cardiomegaly")
+PROMPT = "Generate a report ."
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A complete artifacts/ layout of a tiny run: classifier, both banks, generator, preprocess stats."""
+    root = tmp_path_factory.mktemp("run")
+    torch.manual_seed(0)
+    p = yaml.safe_load((ROOT / "params.yaml").read_text())
+    spec = ClassifierSpec(p["vision"]["name"], dict(p["vision"]["kwargs"]), 224, 32, 1, 4)
+    clf = DiseaseClassifier(spec)
+    with torch.no_grad():  # p(Cardiomegaly) ~ 1, everything else ~ 0, whatever the image
+        clf.head_weight.mul_(0.01)
+        clf.head_bias.fill_(-6.0)
+        clf.head_bias[CARDIO] = 6.0
+    save_tensors(root / "classifier" / "model.safetensors", clf.state_dict())
+    write_json(root / "classifier" / "config.json", {"spec": spec.to_dict(), "uncertain_as": "negative"})
+    save_tensors(root / "banks" / "visual" / "bank.safetensors", {"bank": torch.randn(10, clf.encoder.num_features)})
+    save_tensors(root / "banks" / "report" / "bank.safetensors", {"bank": torch.randn(8, 24)})
+    llm_cfg = Llm(source="scratch", trainable="full", hidden_size=32, layers=1, heads=2, intermediate_size=64,
+                  min_word_freq=1)
+    llm, tok = build_llm(llm_cfg, ["the heart is enlarged .", "the lungs are clear ."], PROMPT)
+    hop = Hopfield(dim=16)
+    gen = ReportGenerator(llm, tok, clf.encoder.num_features, 32, torch.randn(10, clf.encoder.num_features),
+                          torch.randn(8, 24), hop, PROMPT)
+    save_tensors(root / "generator" / "weights.safetensors", gen.trainable_state_dict())
+    save_llm_spec(root / "generator", llm_cfg, llm, tok)
+    write_json(root / "generator" / "config.json", {"llm": to_dict(llm_cfg), "hopfield": to_dict(hop), "prompt": PROMPT,
+                                                    "visual_pool": 4, "visual_dim": clf.encoder.num_features,
+                                                    "query_dim": 32})
+    write_json(root / "preprocess" / "stats.json", {"phantom_images": True, "studies": {"train": 2, "val": 1, "test": 1}})
+    return root
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> list[str]:
+    d = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    paths = [d / "frontal.png", d / "lateral.jpg"]
+    Image.fromarray(rng.integers(0, 255, (300, 260), dtype=np.uint8)).save(paths[0])  # not square: resized
+    Image.fromarray(rng.integers(0, 255, (256, 256, 3), dtype=np.uint8)).save(paths[1])  # RGB: to gray
+    return [str(p) for p in paths]
+
+
+@pytest.fixture(scope="module")
+def params_file(tmp_path_factory) -> str:
+    p = yaml.safe_load((ROOT / "params.yaml").read_text())
+    p["decode"].update(max_new_tokens=6, num_beams=1)
+    path = tmp_path_factory.mktemp("params") / "params.yaml"
+    path.write_text(yaml.safe_dump(p))
+    return str(path)
+
+
+def test_generate_reports_labels_and_cam(run_dir, images, params_file, tmp_path, capsys):
+    cams = tmp_path / "cams"
+    assert main(["generate", *images, "--run", str(run_dir), "--params", params_file, "--json",
+                 "--cam-dir", str(cams)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [r["images"] for r in out] == images  # one report per image by default
+    for k, r in enumerate(out):
+        assert isinstance(r["report"], str) and r["phantom_trained"] is True
+        assert r["predicted"][0][0] == "Cardiomegaly" and r["predicted"][0][1] > 0.99 and len(r["predicted"]) == 1
+        assert [(c["label"], c["image"]) for c in r["cam"]] == [("Cardiomegaly", k)]
+        c = r["cam"][0]
+        assert 0 <= c["peak"][0] <= 1 and 0 <= c["peak"][1] <= 1 and c["where"]
+        assert Image.open(c["overlay"]).size == (224, 224)
+
+    # --study: both images are the views of one study -> one report, a CAM on each view
+    assert main(["generate", *images, "--run", str(run_dir), "--params", params_file, "--json", "--study"]) == 0
+    (study,) = json.loads(capsys.readouterr().out)
+    assert [(c["label"], c["image"]) for c in study["cam"]] == [("Cardiomegaly", 0), ("Cardiomegaly", 1)]
+
+    # text output names the labels, where CAM points, and the report
+    assert main(["generate", images[0], "--run", str(run_dir), "--params", params_file]) == 0
+    captured = capsys.readouterr()
+    assert "predicted labels (p > 0.5): Cardiomegaly 1.00" in captured.out
+    assert "gradcam Cardiomegaly on" in captured.out and "of the image (peak x" in captured.out
+    assert "report: " in captured.out and "PHANTOM" in captured.err
+
+
+def test_generate_errors(run_dir, images, tmp_path, capsys):
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(Image.open(images[0]).tobytes()[:100])  # not an image file
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(Path(images[0]).read_bytes()[:200])
+    for bad, msg in ((tmp_path / "missing.png", "image not found"), (corrupt, "cannot read image"),
+                     (truncated, "cannot read image")):
+        assert main(["generate", images[0], str(bad), "--run", str(run_dir)]) == 2
+        assert msg in capsys.readouterr().err
+
+    # artifacts not built yet: say which stage to run (the first missing in pipeline order)
+    partial = tmp_path / "partial"
+    shutil.copytree(run_dir, partial)
+    for rel, stage in (("generator/weights.safetensors", "train_generator"),
+                       ("banks/visual/bank.safetensors", "encode_visual_bank"),
+                       ("classifier/model.safetensors", "train_classifier")):
+        (partial / rel).unlink()
+        assert main(["generate", images[0], "--run", str(partial)]) == 2
+        err = capsys.readouterr().err
+        assert f"`dvc repro {stage}`" in err and rel in err
+    with pytest.raises(MissingArtifacts):
+        check_run(tmp_path / "nothing")
+    assert [stage for _, stage in RUN_FILES][0] == "train_classifier"
+
+
+def test_show(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(ROOT / "params.yaml", "params.yaml")
+    assert main(["show"]) == 0  # no dvc repo, no metrics: says what to run
+    out = capsys.readouterr().out
+    assert "params   params.yaml  sha256 " in out and "data     iu_xray" in out and "PHANTOM" in out
+    assert "no evaluation yet: run `dvc repro`" in out
+    scores = {"BLEU_4": 0.1, "METEOR": 0.2, "ROUGE_L": 0.3, "CIDEr": 0.4, "ce": {"f1": 0.5}}
+    ci = {k: {"lo": v - 0.01, "hi": v + 0.03} for k, v in scores.items() if k not in ("ce", "METEOR")}
+    write_json(Path("artifacts/eval/metrics.json"), {
+        "phantom_images": True, "n_test": 7, "model": scores, "baselines": {"most_frequent": scores},
+        "ci95": {"model": {**ci, "ce": {"f1": {"lo": 0.4, "hi": 0.6}}}},
+        "ce_convention": {"headline": "macro average"}})
+    assert main(["show"]) == 0
+    out = capsys.readouterr().out
+    assert "PHANTOM IMAGES, 7 test studies" in out
+    assert "0.100±0.020" in out and "0.500±0.100" in out  # model row with CI half-widths
+    assert "most_frequent" in out and "CE: macro average" in out

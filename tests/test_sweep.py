@@ -1,0 +1,167 @@
+"""flows/sweep.py: grid parsing, ``-S`` arguments, queue status parsing, the comparison table from
+``dvc exp show --json``, and the whole Prefect flow on a tiny git+dvc project (one stage reading two params
+and writing a metric with a CI), run in a subprocess with its own Prefect home."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+GRID = {
+    "name": "toy",
+    "metrics": {"score": "model.score", "double": "out/other.json:double"},
+    "tables": {
+        "t_a": {"title": "a sweep", "grid": {"model.a": [1, 3]}, "set": {"model.b": 2.0}},
+        "t_b": {"points": [{"model.b": 0.5, "opt.flag": True}]},
+    },
+}
+TRAIN = """\
+import json, pathlib, yaml
+p = yaml.safe_load(open("params.yaml"))
+m = p["model"]
+score = m["a"] * m["b"] + (10 if p["opt"]["flag"] else 0)
+pathlib.Path("out").mkdir(exist_ok=True)
+json.dump({"model": {"score": score}, "ci95": {"model": {"score": {"lo": score - 1, "hi": score + 1}}}},
+          open("out/metrics.json", "w"))
+json.dump({"double": 2 * score}, open("out/other.json", "w"))
+"""
+
+
+def _grid(tmp_path: Path, doc: dict = GRID) -> Path:
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def test_grid_points_and_set_args(tmp_path):
+    from flows.sweep import SweepError, check_keys, load_grid, set_args
+
+    g = load_grid(_grid(tmp_path))
+    assert g.experiments() == [("toy-t-a-01", "t_a", {"model.b": 2.0, "model.a": 1}),
+                               ("toy-t-a-02", "t_a", {"model.b": 2.0, "model.a": 3}),
+                               ("toy-t-b-01", "t_b", {"model.b": 0.5, "opt.flag": True})]
+    assert set_args({"hopfield.visual": False, "hopfield.beta": 2.0, "x": "a b"}) == \
+        ["-S", "hopfield.visual=false", "-S", "hopfield.beta=2.0", "-S", "x=a b"]
+    assert list(load_grid(_grid(tmp_path), ["t_b"]).tables) == ["t_b"]
+    with pytest.raises(SweepError, match=r"unknown table\(s\) \['nope'\]"):
+        load_grid(_grid(tmp_path), ["nope"])
+    with pytest.raises(SweepError, match="no points"):
+        load_grid(_grid(tmp_path, {"tables": {"t": {"title": "x"}}}))
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"model": {"a": 1, "b": 1.0}, "opt": {}}))
+    with pytest.raises(SweepError, match="keys not in .*: opt.flag"):
+        check_keys(g, params)
+    # the repository's own grid names only keys that exist in params.yaml
+    paper = load_grid(ROOT / "sweeps" / "paper_tables.yaml")
+    check_keys(paper, ROOT / "params.yaml")
+    assert set(paper.tables) == {"table_iv", "table_v", "table_vi", "table_vii"}
+
+
+def test_parse_queue_status():
+    from flows.sweep import parse_queue_status
+
+    text = """Task     Name    Created    Status
+0cb2251  toy-1   11:35 AM   Running
+db709ab  toy-1   11:30 AM   Success
+8a005f5  toy-2   Nov 22, 2026   Failed
+1234567  None    11:36 AM   Queued
+
+Worker status: 1 active, 2 idle"""
+    status, workers = parse_queue_status(text)
+    assert status == {"toy-1": "Running", "toy-2": "Failed", "None": "Queued"}  # newest row of a name wins
+    assert workers == (1, 2)
+
+
+def test_collect_and_tables(tmp_path):
+    from flows.sweep import collect, load_grid, to_csv, to_markdown
+
+    g = load_grid(_grid(tmp_path))
+
+    def exp(name, a, score, state="success"):
+        data = {"params": {"params.yaml": {"data": {"model": {"a": a, "b": 2.0}, "opt": {"flag": False}}}},
+                "metrics": {"out/metrics.json": {"data": {"model": {"score": score},
+                                                          "ci95": {"model": {"score": {"lo": 0.5, "hi": 9.5}}}}},
+                            "out/other.json": {"data": {"double": 2 * score}}}}
+        return {"name": name, "revs": [{"name": name, "data": data, "error": None}], "executor": {"state": state}}
+
+    show = [{"rev": "workspace", "name": None, "data": {}, "experiments": None},
+            {"rev": "abc1234", "name": "main", "data": exp("main", 1, 2.0)["revs"][0]["data"],
+             "experiments": [exp("toy-t-a-02", 3, 6.0), exp("toy-t-a-01", 1, 2.0, "failed")]}]
+    rows = collect(show, g)
+    assert [(r["table"], r["experiment"], r["state"]) for r in rows] == [
+        ("baseline", "main", "committed"), ("t_a", "toy-t-a-01", "failed"), ("t_a", "toy-t-a-02", "success"),
+        ("t_b", "toy-t-b-01", "missing")]
+    r = rows[2]
+    assert (r["model.a"], r["model.b"], r["score"], r["double"]) == (3, 2.0, 6.0, 12.0)
+    assert (r["score lo"], r["score hi"]) == (0.5, 9.5) and "double lo" not in r
+    md = to_markdown(rows, g)
+    assert "## a sweep (`t_a`)" in md and "| toy-t-a-02 | success | 2 | 3 | 6 [0.5, 9.5] | 12 |" in md
+    lines = list(csv.DictReader(to_csv(rows).splitlines()))
+    assert lines[2]["experiment"] == "toy-t-a-02" and float(lines[2]["score"]) == 6.0
+
+
+@pytest.fixture
+def toy_repo(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "train.py").write_text(TRAIN)
+    (repo / "params.yaml").write_text(yaml.safe_dump({"model": {"a": 1, "b": 1.0}, "opt": {"flag": False}}))
+    py = shlex.quote(sys.executable)
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({
+        "stages": {"train": {"cmd": f"{py} train.py", "deps": ["train.py"],
+                             "params": ["model.a", "model.b", "opt.flag"], "outs": ["out"]}},
+        "metrics": ["out/metrics.json", "out/other.json"]}, sort_keys=False))
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t", "PREFECT_HOME": str(tmp_path / "prefect"),
+           "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120", "PYTHONPATH": str(ROOT)}
+    for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"], ["git", "add", "-A"],
+                ["git", "commit", "-qm", "toy"]):
+        subprocess.run(cmd, cwd=repo, env=env, check=True)
+    return repo, env
+
+
+RUN_FLOW = """\
+import json, sys
+from prefect.client.orchestration import get_client
+from flows.sweep import sweep_flow
+rows = sweep_flow(grid=sys.argv[1], repo=sys.argv[2], jobs=2, poll_seconds=1.0)
+with get_client(sync_client=True) as client:
+    arts = [a for a in client.read_artifacts() if a.key == "sweep-toy"]
+print("RESULT " + json.dumps({"rows": rows, "artifact": arts[0].data if arts else None}, default=str))
+"""
+
+
+@pytest.mark.slow
+def test_sweep_flow_end_to_end(toy_repo, tmp_path):
+    repo, env = toy_repo
+    small = {**GRID, "tables": {**GRID["tables"], "t_a": {**GRID["tables"]["t_a"], "grid": {"model.a": [3]}}}}
+    grid = _grid(tmp_path, small)  # two experiments in two tables, run by two queue workers at once
+    p = subprocess.run([sys.executable, "-c", RUN_FLOW, str(grid), str(repo)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    out = json.loads(next(line for line in p.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    got = {r["experiment"]: r for r in out["rows"]}
+    # score = a * b (+ 10 with opt.flag); the baseline is the committed HEAD (never reproduced: no metric)
+    assert got["toy-t-a-01"]["score"] == 6.0 and got["toy-t-a-01"]["state"] == "success"
+    assert got["toy-t-b-01"]["score"] == 10.5 and got["toy-t-b-01"]["double"] == 21.0
+    assert got["toy-t-a-01"]["score lo"] == 5.0 and got["master"]["state"] == "committed"
+    table = json.loads(out["artifact"]) if isinstance(out["artifact"], str) else out["artifact"]
+    assert {r["experiment"] for r in table} == {"master", "toy-t-a-01", "toy-t-b-01"}
+    folder = repo / "artifacts" / "sweeps" / "toy"
+    assert "| toy-t-a-01 | success | 2 | 3 | 6 [5, 7] | 12 |" in (folder / "comparison.md").read_text()
+    rows = list(csv.DictReader((folder / "comparison.csv").read_text().splitlines()))
+    assert {r["experiment"] for r in rows} == {"toy-t-a-01", "toy-t-b-01", "master"}
+    # the experiments are real DVC experiments of the repo: `dvc exp show` lists them with the metric
+    shown = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--csv"], cwd=repo, env=env,
+                           capture_output=True, text=True, check=True).stdout
+    assert "toy-t-a-01" in shown and "model.score" in shown
