@@ -3,11 +3,18 @@
 * ``stage_graph`` / ``stage_order`` read ``dvc.yaml`` (the only DAG) and order its stages.
 * ``run_dvc`` is the one helper through which every DVC CLI call goes (one writer per workspace).
 * ``classify_failure`` / ``is_transient_failure`` decide which failures are worth a retry.
+* ``workspace_lock`` lets one pipeline run at a time own a workspace (a second one waits or fails).
+* ``apply_params_overlay`` merges a params overlay into params.yaml (validated before any compute).
+* ``default_remote`` tells whether ``dvc pull``/``dvc push`` have somewhere to go.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import heapq
+import json
 import os
 import posixpath
 import re
@@ -18,7 +25,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import yaml
 
@@ -153,6 +160,7 @@ class DvcResult:
     lines: list[str]  # last lines of output
     errors: list[str]  # every "ERROR..." line DVC printed
     skipped: bool  # DVC said the stage didn't change
+    restored: bool = False  # DVC restored the stage's outputs from the run-cache instead of running it
 
 
 _GUARD = threading.Lock()
@@ -170,7 +178,7 @@ def run_dvc(args: list[str], cwd: str | os.PathLike, log: Callable[[str], Any] =
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     tail: deque[str] = deque(maxlen=tail_lines)
     errors: list[str] = []
-    skipped = False
+    skipped = restored = False
     with lock:
         log(f"$ dvc {' '.join(args)}  (cwd={key})")
         with subprocess.Popen(cmd, cwd=key, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -185,8 +193,9 @@ def run_dvc(args: list[str], cwd: str | os.PathLike, log: Callable[[str], Any] =
                 if line.lstrip().startswith("ERROR"):
                     errors.append(line)
                 skipped = skipped or "didn't change, skipping" in line
+                restored = restored or "is cached - skipping run" in line
             returncode = proc.wait()
-    return DvcResult(cmd[3:], returncode, list(tail), errors, skipped)
+    return DvcResult(cmd[3:], returncode, list(tail), errors, skipped, restored)
 
 
 def classify_failure(stage: str, result: DvcResult) -> DvcStageError:
@@ -203,3 +212,137 @@ def is_transient_failure(task: Any, task_run: Any, state: Any) -> bool:
     if isinstance(exc, BaseException):
         return isinstance(exc, TransientDvcError)
     return "TransientDvcError" in (getattr(state, "message", "") or "")
+
+
+# -- one pipeline run per workspace ----------------------------------------------------------------
+
+class WorkspaceBusy(RuntimeError):
+    """Another pipeline run holds this workspace."""
+
+
+WORKSPACE_LOCK = ".dvc/tmp/amrg-pipeline.lock"
+
+
+@contextlib.contextmanager
+def workspace_lock(repo: str | os.PathLike, wait: bool = False, owner: str = "",
+                   log: Callable[[str], Any] = print) -> Iterator[Path]:
+    """Hold an exclusive ``flock`` on ``<repo>/.dvc/tmp/amrg-pipeline.lock`` for a whole pipeline run.
+
+    DVC's own locks cover one ``dvc`` command; a flow runs one command per stage (and may rewrite
+    params.yaml first), so two flows in one workspace could otherwise interleave stage by stage.
+    ``wait=False``: a second run fails at once with :class:`WorkspaceBusy` naming the holder;
+    ``wait=True``: it blocks until the first one ends. The kernel drops the lock when its holder dies
+    (``kill -9`` included), so a crashed run never leaves the workspace locked."""
+    path = Path(repo) / WORKSPACE_LOCK
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "unknown"
+            if not wait:
+                raise WorkspaceBusy(
+                    f"workspace {Path(repo).resolve()} is in use by another pipeline run ({holder}); "
+                    "wait for it to finish (or pass wait_for_workspace=True / --wait), or run parallel "
+                    "experiments in isolated workspaces: `dvc exp run --queue ...` + `dvc queue start -j N`"
+                ) from None
+            log(f"waiting for the workspace lock held by {holder}")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        info = json.dumps({"pid": os.getpid(), "owner": owner})
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, info.encode(), 0)
+        yield path
+    finally:
+        os.close(fd)  # closing the descriptor releases the flock
+
+
+# -- params overlay --------------------------------------------------------------------------------
+
+def _overlay_items(overlay: dict[str, Any], prefix: str = "") -> Iterator[tuple[list[str], Any]]:
+    """Nested and dotted keys alike -> (path, value) leaves; dict values under dotted keys recurse."""
+    for key, value in overlay.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict) and value:
+            yield from _overlay_items(value, path)
+        else:
+            yield path.split("."), value
+
+
+def load_overlay(overlay: dict[str, Any] | str | os.PathLike | None, repo: Path) -> dict[str, Any]:
+    """An overlay is a mapping (``{"hopfield.beta": 8}`` or nested) or a YAML file (relative to the repo)."""
+    if overlay is None:
+        return {}
+    if isinstance(overlay, dict):
+        return overlay
+    path = Path(overlay)
+    path = path if path.is_absolute() else repo / path
+    if not path.is_file():
+        raise FileNotFoundError(f"params overlay {overlay!r} not found (looked at {path})")
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"params overlay {overlay!r} must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def apply_params_overlay(repo: str | os.PathLike, overlay: dict[str, Any] | str | os.PathLike | None,
+                         params_file: str = "params.yaml") -> dict[str, Any]:
+    """Merge ``overlay`` into ``<repo>/<params_file>`` like ``dvc exp run -S key=value`` would.
+
+    The merged file is validated with :func:`amrg.config.parse_params` *before* it is written, so a
+    wrong key, type or range fails here, naming every bad key, and leaves params.yaml untouched.
+    Comments and key order survive (ruamel round trip); the write is atomic. Returns the changed
+    leaves ``{"a.b": new}`` (empty when nothing changed: the file is then not rewritten)."""
+    from ruamel.yaml import YAML
+
+    from amrg.config import ParamsError, parse_params
+
+    repo = Path(repo)
+    items = list(_overlay_items(load_overlay(overlay, repo)))
+    if not items:
+        return {}
+    path = repo / params_file
+    rt = YAML()  # round trip: keeps comments, key order and quoting
+    rt.default_flow_style, rt.preserve_quotes, rt.width = None, True, 4096
+    rt.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
+    doc = rt.load(path.read_text(encoding="utf-8")) or {}
+    changed: dict[str, Any] = {}
+    for keys, value in items:
+        node = doc
+        for i, k in enumerate(keys[:-1]):
+            if k not in node or node[k] is None:
+                node[k] = {}
+            node = node[k]
+            if not isinstance(node, dict):
+                raise ParamsError(f"params overlay: {'.'.join(keys[:i + 1])} is not a section (cannot set "
+                                  f"{'.'.join(keys)})")
+        if node.get(keys[-1], object()) != value:
+            node[keys[-1]] = value
+            changed[".".join(keys)] = value
+    import io
+
+    buf = io.StringIO()
+    rt.dump(doc, buf)
+    text = buf.getvalue()
+    # validate the merged text as the stages will read it (PyYAML) through the checks every stage runs
+    parse_params(yaml.safe_load(text) or {})
+    if changed:
+        tmp = path.with_name(f".{path.name}.overlay.tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    return changed
+
+
+# -- remote ----------------------------------------------------------------------------------------
+
+def default_remote(cwd: str | os.PathLike) -> str | None:
+    """Name of the DVC default remote of the workspace (``core.remote``), or None when none is set."""
+    result = subprocess.run([sys.executable, "-m", "dvc", "remote", "default"], cwd=cwd,
+                            capture_output=True, text=True, env={**os.environ, "DVC_NO_ANALYTICS": "1"})
+    name = result.stdout.strip()
+    return name if result.returncode == 0 and name else None

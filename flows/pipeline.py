@@ -1,8 +1,14 @@
 """Prefect flow over the DVC pipeline: one task run per dvc.yaml stage, in topological order.
 
     python -m flows.pipeline [--repo PATH] [--stages a,b] [--retries N] [--force]
+                             [--set key=value ...] [--params-overlay FILE] [--experiment NAME]
+                             [--pull] [--push] [--wait]
 
 Flow -> ``dvc repro --single-item <stage>`` -> ``python -m stages.<name>``; dvc.yaml is the only DAG.
+On a worker that shares a DVC remote: ``--pull`` runs ``dvc pull --run-cache --allow-missing`` first and
+``dvc repro --pull`` per stage (a stage computed anywhere else is restored, not recomputed); ``--push``
+ends with ``dvc push --run-cache`` (also after a failed stage, so finished upstream stages are shared).
+One flow run owns a workspace at a time (``--wait`` queues behind the current one instead of failing).
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
+import yaml  # noqa: E402
+
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_table_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
@@ -28,13 +36,17 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 from flows.dvc_tasks import (  # noqa: E402,F401  (stage_graph/stage_order re-exported)
     DvcStageError,
     TransientDvcError,
+    WorkspaceBusy,
+    apply_params_overlay,
     classify_failure,
+    default_remote,
     is_transient_failure,
     load_dvc_yaml,
     load_stages,
     run_dvc,
     stage_graph,
     stage_order,
+    workspace_lock,
 )
 
 METRICS_ARTIFACT_KEY = "eval-metrics"
@@ -46,16 +58,41 @@ class PipelineStageFailed(RuntimeError):
 
 @task(name="dvc-repro", task_run_name="dvc-repro-{stage}", cache_policy=NO_CACHE,
       retry_condition_fn=is_transient_failure)
-def repro_stage(stage: str, cwd: str, force: bool = False) -> dict[str, Any]:
-    """``dvc repro --single-item [--force] <stage>``; raises TransientDvcError (retried) or DvcStageError."""
+def repro_stage(stage: str, cwd: str, force: bool = False, pull: bool = False) -> dict[str, Any]:
+    """``dvc repro --single-item [--force] [--pull] <stage>``; raises TransientDvcError (retried) or
+    DvcStageError. With ``pull`` DVC fetches the run-cache and the outputs of a cached run from the
+    remote, so a stage already computed by another worker is restored instead of run."""
     logger = get_run_logger()
-    args = ["repro", "--single-item", *(["--force"] if force else []), stage]
+    args = ["repro", "--single-item", *(["--force"] if force else []), *(["--pull"] if pull else []), stage]
     result = run_dvc(args, cwd=cwd, log=logger.info)
     if result.returncode != 0:
         exc = classify_failure(stage, result)
         logger.error("stage %r failed (%s, exit %d)", stage, type(exc).__name__, result.returncode)
         raise exc
-    return {"stage": stage, "skipped": result.skipped}
+    return {"stage": stage, "skipped": result.skipped, "restored": result.restored}
+
+
+SYNC_ARGS = {"pull": ["pull", "--run-cache", "--allow-missing"], "push": ["push", "--run-cache"]}
+
+
+@task(name="dvc-sync", task_run_name="dvc-{command}", cache_policy=NO_CACHE, retry_condition_fn=is_transient_failure)
+def dvc_sync(command: str, cwd: str) -> dict[str, Any]:
+    """``dvc pull --run-cache --allow-missing`` or ``dvc push --run-cache`` against the default remote."""
+    logger = get_run_logger()
+    result = run_dvc(SYNC_ARGS[command], cwd=cwd, log=logger.info)
+    if result.returncode != 0:
+        raise classify_failure(f"dvc {command}", result)
+    return {"command": command, "tail": result.lines[-3:]}
+
+
+@task(name="dvc-exp-save", cache_policy=NO_CACHE)
+def save_experiment(name: str, cwd: str) -> str:
+    """``dvc exp save --name <name> --force``: the workspace (params overlay, dvc.lock, metrics) as a
+    named experiment, listed by ``dvc exp show`` and shareable with ``dvc exp push``."""
+    result = run_dvc(["exp", "save", "--name", name, "--force"], cwd=cwd, log=get_run_logger().info)
+    if result.returncode != 0:
+        raise classify_failure(f"exp save {name}", result)
+    return name
 
 
 def select_stages(order: list[str], wanted: list[str] | None) -> list[str]:
@@ -116,20 +153,47 @@ def publish_metrics(dvc_yaml: Path, stage: str) -> dict[str, Any]:
 
 @flow(name="amrg-pipeline")
 def pipeline(repo: str = ".", stages: list[str] | None = None, retries: int = 2,
-             retry_delay_seconds: float = 10.0, force: bool = False) -> dict[str, Any]:
-    """Reproduce dvc.yaml's stages one task run each, in order; return the flat final metrics."""
+             retry_delay_seconds: float = 10.0, force: bool = False,
+             params_overlay: dict[str, Any] | str | None = None, experiment: str | None = None,
+             pull: bool = False, push: bool = False, wait_for_workspace: bool = False) -> dict[str, Any]:
+    """Reproduce dvc.yaml's stages one task run each, in order; return the flat final metrics.
+
+    ``params_overlay``: ``{"hopfield.beta": 8}`` (dotted or nested keys) or a YAML file in the repo,
+    merged into params.yaml and validated before anything runs. ``experiment``: save the finished
+    workspace as that DVC experiment. ``pull``/``push``: share stages through the default DVC remote
+    (run-cache included); skipped with a warning when no remote is configured.
+    ``wait_for_workspace``: wait for a pipeline run already using this workspace instead of failing."""
     logger = get_run_logger()
     repo_dir = Path(repo).resolve()
     dvc_yaml = repo_dir / "dvc.yaml"
     order = select_stages(stage_order(dvc_yaml), stages)
     logger.info("stage order: %s", " -> ".join(order))
-    run = repro_stage.with_options(retries=retries, retry_delay_seconds=retry_delay_seconds)
-    for i, name in enumerate(order):
-        try:
-            run(name, cwd=str(repo_dir), force=force)
-        except Exception as exc:
-            rest = ", ".join(order[i + 1:]) or "none"
-            raise PipelineStageFailed(f"stage {name!r} failed; not run: {rest}. {exc}") from exc
+    with workspace_lock(repo_dir, wait=wait_for_workspace, owner=f"flow pid {os.getpid()}", log=logger.info):
+        if params_overlay:
+            changed = apply_params_overlay(repo_dir, params_overlay)
+            logger.info("params overlay: %s", changed or "no change")
+        remote = default_remote(repo_dir) if (pull or push) else None
+        if (pull or push) and remote is None:
+            logger.warning("no default DVC remote configured: skipping pull/push (`dvc remote add -d ...`)")
+        sync = dvc_sync.with_options(retries=retries, retry_delay_seconds=retry_delay_seconds)
+        if pull and remote:
+            sync("pull", cwd=str(repo_dir))
+        run = repro_stage.with_options(retries=retries, retry_delay_seconds=retry_delay_seconds)
+        for i, name in enumerate(order):
+            try:
+                run(name, cwd=str(repo_dir), force=force, pull=bool(pull and remote))
+            except Exception as exc:
+                rest = ", ".join(order[i + 1:]) or "none"
+                if push and remote:  # share what did finish: upstream stages stay cached for every worker
+                    try:
+                        sync("push", cwd=str(repo_dir))
+                    except Exception as push_exc:  # the stage failure is the error to report
+                        logger.error("push after the failure of %r failed too: %s", name, push_exc)
+                raise PipelineStageFailed(f"stage {name!r} failed; not run: {rest}. {exc}") from exc
+        if push and remote:
+            sync("push", cwd=str(repo_dir))
+        if experiment:
+            save_experiment(experiment, cwd=str(repo_dir))
     return publish_metrics(dvc_yaml, order[-1]) if order else {}
 
 
@@ -140,16 +204,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--retries", type=int, default=2, help="retries per stage for transient failures")
     parser.add_argument("--retry-delay", type=float, default=10.0, help="seconds between retries")
     parser.add_argument("--force", action="store_true", help="pass --force to dvc repro")
+    parser.add_argument("--set", "-S", action="append", default=[], metavar="KEY=VALUE",
+                        help="params overlay, like `dvc exp run -S` (repeatable; VALUE is YAML)")
+    parser.add_argument("--params-overlay", default=None, metavar="FILE",
+                        help="YAML file merged into params.yaml before the run")
+    parser.add_argument("--experiment", default=None, help="save the finished run as this DVC experiment")
+    parser.add_argument("--pull", action="store_true", help="dvc pull --run-cache first; dvc repro --pull")
+    parser.add_argument("--push", action="store_true", help="dvc push --run-cache at the end")
+    parser.add_argument("--wait", action="store_true", help="wait for another run using the workspace")
     args = parser.parse_args(argv)
     wanted = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
     try:
         select_stages(stage_order(Path(args.repo) / "dvc.yaml"), wanted)
     except (ValueError, NotImplementedError, OSError) as exc:
         parser.error(str(exc))
+    overlay: dict[str, Any] | str | None = args.params_overlay
+    if args.set:
+        if overlay:
+            parser.error("use either --set or --params-overlay")
+        bad = [kv for kv in args.set if "=" not in kv]
+        if bad:
+            parser.error(f"--set expects KEY=VALUE, got {bad}")
+        overlay = {k.strip(): yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.set)}
     try:
         metrics = pipeline(repo=args.repo, stages=wanted, retries=args.retries,
-                           retry_delay_seconds=args.retry_delay, force=args.force)
-    except PipelineStageFailed as exc:
+                           retry_delay_seconds=args.retry_delay, force=args.force, params_overlay=overlay,
+                           experiment=args.experiment, pull=args.pull, push=args.push,
+                           wait_for_workspace=args.wait)
+    except (PipelineStageFailed, WorkspaceBusy, ValueError, FileNotFoundError) as exc:
         print(f"pipeline failed: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(metrics, indent=2))

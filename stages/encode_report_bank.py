@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> None:
         raise ValueError("report bank is empty: no training report has a positive label")
     encoder = SentenceEncoder(p.encoder, device, p.max_length)
     bank = torch.from_numpy(encoder.encode(rows["sentence"], p.batch_size))
+    if not torch.isfinite(bank).all():
+        bad = int((~torch.isfinite(bank)).any(1).sum())
+        raise FloatingPointError(f"report bank has NaN/inf in {bad} of {len(bank)} rows: check banks.report.encoder")
     save_tensors(OUT / "bank.safetensors", {"bank": bank}, metadata={"encoder": p.encoder, "pooling": "mean"})
     write_parquet(OUT / "rows.parquet", rows)
     write_json(OUT / "metrics.json", {"n_reports": len(picks), "n_r": int(bank.shape[0]), "dim": int(bank.shape[1]),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -244,3 +245,88 @@ def test_cli_unknown_stage(prefect_home, dvc_repo, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "unknown stage(s): nope" in err and "valid stages: prepare, train, evaluate" in err
+
+
+def _dvc(args, cwd):
+    p = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout + p.stderr
+    return p.stdout + p.stderr
+
+
+@pytest.mark.slow
+def test_flow_shares_stages_through_the_remote(prefect_harness, dvc_repo, tmp_path, monkeypatch):
+    """Worker 1 computes (the flaky stage retried once), pushes with --run-cache and saves an
+    experiment; worker 2, a fresh workspace on the same remote, restores every stage and runs none."""
+    from flows.pipeline import pipeline
+
+    monkeypatch.setenv("GIT_AUTHOR_NAME", "t")
+    monkeypatch.setenv("GIT_AUTHOR_EMAIL", "t@t")
+    monkeypatch.setenv("GIT_COMMITTER_NAME", "t")
+    monkeypatch.setenv("GIT_COMMITTER_EMAIL", "t@t")
+    remote = tmp_path / "remote"
+    repo1, repo2 = dvc_repo.path, tmp_path / "repo2"
+    _dvc(["remote", "add", "-d", "shared", str(remote)], repo1)
+    subprocess.run(["git", "add", "-A"], cwd=repo1, check=True)
+    subprocess.run(["git", "commit", "-qm", "init"], cwd=repo1, check=True)
+    subprocess.run(["git", "clone", "-q", str(repo1), str(repo2)], check=True)
+
+    expected = {"model.BLEU_4": 0.25, "model.ce.f1": 0.5, "phantom_images": True}
+    assert pipeline(repo=str(repo1), retries=2, retry_delay_seconds=0, pull=True, push=True,
+                    experiment="first") == expected
+    assert attempts(dvc_repo.marker) == 2  # exit 75 once, retried, then ran
+    assert (remote / "runs").is_dir()  # the run-cache reached the remote
+    assert "first" in _dvc(["exp", "list"], repo1)
+
+    assert pipeline(repo=str(repo2), retries=0, pull=True, push=True) == expected
+    assert attempts(dvc_repo.marker) == 2  # worker 2 restored `train`: it never ran
+    assert all((repo2 / p).is_file() for p in OUTPUTS)
+    assert (repo2 / "model/model.txt").read_text() == (repo1 / "model/model.txt").read_text()
+
+
+@pytest.mark.slow
+def test_flow_refuses_a_busy_workspace(prefect_harness, dvc_repo):
+    from flows.dvc_tasks import WorkspaceBusy, workspace_lock
+    from flows.pipeline import pipeline
+
+    with workspace_lock(dvc_repo.path, owner="another run"):
+        with pytest.raises(WorkspaceBusy, match="in use by another pipeline run"):
+            pipeline(repo=str(dvc_repo.path), retries=0)
+    assert attempts(dvc_repo.marker) == 0 and not (dvc_repo.path / "data/prep.txt").exists()
+
+
+@pytest.mark.slow
+def test_prefect_yaml_registers_against_a_server(prefect_harness, tmp_path):
+    """`prefect deploy --all` of prefect.yaml against the harness's API: with the GPU (docker) and
+    process pools created, the nightly, sweep and process deployments register with their cron,
+    parameters and GPU job variables.
+    (A worker executing a scheduled run end to end: bench/prefect_deploy.py.)"""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.settings import PREFECT_API_URL
+
+    for path in ("prefect.yaml", "flows", "deploy"):
+        src = REPO_ROOT / path
+        (shutil.copytree if src.is_dir() else shutil.copy2)(src, tmp_path / path)
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(name="amrg-process", type="process"), overwrite=True)
+        template = json.loads((REPO_ROOT / "deploy/docker-gpu-job-template.json").read_text())
+        client.create_work_pool(WorkPoolCreate(name="amrg-gpu", type="docker", base_job_template=template),
+                                overwrite=True)
+    env = dict(os.environ, PREFECT_API_URL=PREFECT_API_URL.value(), PYTHONPATH=str(REPO_ROOT))
+    p = subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+    with get_client(sync_client=True) as client:
+        deps = {d.name: d for d in client.read_deployments()}
+    nightly, proc = deps["nightly"], deps["nightly-process"]
+    assert nightly.work_pool_name == "amrg-gpu" and proc.work_pool_name == "amrg-process"
+    assert [(s.schedule.cron, s.active) for s in nightly.schedules] == [("0 2 * * *", True)]
+    assert nightly.parameters["pull"] is True and nightly.parameters["push"] is True
+    assert "params_overlay" in nightly.parameter_openapi_schema["properties"]
+    gpu = nightly.job_variables["container_create_kwargs"]["device_requests"][0]
+    assert gpu["capabilities"] == [["gpu"]] and gpu["count"] == -1
+    assert nightly.pull_steps[0]["prefect.deployments.steps.set_working_directory"]["directory"] == "/opt/amrg"
+    assert proc.pull_steps[0]["prefect.deployments.steps.set_working_directory"]["directory"] == str(tmp_path)
+    sweep = deps["sweep"]  # flows/sweep.py:sweep_flow
+    assert sweep.work_pool_name == "amrg-gpu" and sweep.parameters["grid"] == "sweeps/paper_tables.yaml"
+    assert [s.active for s in sweep.schedules] == [False]

@@ -50,6 +50,11 @@ def load_iu_xray(annotation: str | Path) -> tuple[list[Study], list[Skip]]:
             if not isinstance(report, str):
                 skips.append(Skip(sid, "report_not_string", f"type {type(report).__name__}"))
                 continue
+            try:  # a lone surrogate (a "\udcff" JSON escape, bytes decoded with surrogateescape) is not text
+                report.encode("utf-8")
+            except UnicodeEncodeError as e:
+                skips.append(Skip(sid, "report_not_utf8", f"{e.reason} at {e.start}: {report[:40]!r}"))
+                continue
             cleaned = clean_report(report)
             if not cleaned:
                 skips.append(Skip(sid, "empty_report", repr(report[:40])))

@@ -50,8 +50,8 @@ def decode_image(root: str | Path, rel: str, size: int) -> np.ndarray:
         with Image.open(path) as img:
             img.load()
             gray = to_uint8_gray(img)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ImageError("unreadable_image", f"{rel}: {e}") from e
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageError("unreadable_image", f"{rel}: {type(e).__name__}: {e}") from e
     if gray.ndim != 2 or min(gray.shape) < 8:
         raise ImageError("unreadable_image", f"{rel}: unexpected shape {gray.shape}")
     return np.asarray(Image.fromarray(gray).resize((size, size), Image.BILINEAR), dtype=np.uint8)
