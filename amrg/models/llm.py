@@ -12,12 +12,15 @@ the adapters are saved; ``full`` trains every weight (tiny scratch LM only).
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from ..io import write_text
 from .hub import resolve_model_ref
 
 SPECIAL = {"pad_token": "<pad>", "unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"}
@@ -81,8 +84,11 @@ def save_llm_spec(out_dir: Path, cfg, model, tokenizer) -> None:
     scratch LM, or only the reference of a pretrained one (a 7B base is never copied)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.source == "scratch":
-        tokenizer.save_pretrained(out_dir / "tokenizer")
-        (out_dir / "llm_config.json").write_text(json.dumps(model.config.to_dict(), indent=1))
+        tmp = Path(tempfile.mkdtemp(prefix=".tokenizer.", dir=out_dir))  # saved whole, then renamed in place
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(out_dir / "tokenizer", ignore_errors=True)
+        tmp.rename(out_dir / "tokenizer")
+        write_text(out_dir / "llm_config.json", json.dumps(model.config.to_dict(), indent=1))
 
 
 def load_llm(gen_dir: Path, cfg, dtype: torch.dtype = torch.float32):
