@@ -341,6 +341,23 @@ def parse_params(raw: dict) -> Params:
     return params
 
 
+def merge_overlay(base: dict, overlay: dict) -> dict:
+    """``base`` with ``overlay``'s leaves written over it, section by section (``base`` is updated)."""
+    for k, v in overlay.items():
+        both = isinstance(v, dict) and isinstance(base.get(k), dict)
+        base[k] = merge_overlay(base[k], v) if both else v
+    return base
+
+
+def tiny_params(params_file: str | Path, *extra: dict) -> dict:
+    """``params_file`` merged with the smoke overlay ``configs/tiny.yaml`` beside it, then ``extra``."""
+    params_file = Path(params_file)
+    raw = yaml.safe_load(params_file.read_text())
+    for overlay in (yaml.safe_load((params_file.parent / "configs" / "tiny.yaml").read_text()), *extra):
+        merge_overlay(raw, overlay)
+    return raw
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Load and validate ``params.yaml``; raise :class:`ParamsError` naming every bad key."""
     path = Path(path)

@@ -14,24 +14,10 @@ from pathlib import Path
 
 import yaml
 
+from amrg.config import tiny_params
+
 ROOT = Path(__file__).resolve().parents[1]
 DVC = [sys.executable, "-m", "dvc"]
-
-TINY = {
-    "data": {"max_studies": 12},
-    "classifier": {"epochs": 1, "batch_size": 8},
-    "cam": {"max_per_disease": 4, "batch_size": 8, "n_overlays": 1},
-    "banks": {"report": {"size": 30}},
-    "generator": {"epochs": 1, "batch_size": 4},
-    "decode": {"num_beams": 1, "max_new_tokens": 12},
-}
-
-
-def merge(base: dict, over: dict) -> dict:
-    for k, v in over.items():
-        base[k] = merge(base.get(k, {}), v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
-    return base
-
 
 def env(tmp: Path, **extra) -> dict:
     e = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
@@ -57,8 +43,9 @@ def run(args, cwd, e, log=None, check=True, timeout=3600) -> tuple[float, str]:
     return seconds, out
 
 
-def make_origin(tmp: Path, profile: dict | None, e: dict) -> Path:
-    """A git repo of this working tree (no outputs, no dvc.lock) with ``profile`` merged into params.yaml."""
+def make_origin(tmp: Path, tiny: bool, e: dict) -> Path:
+    """A git repo of this working tree (no outputs, no dvc.lock), on the smoke overlay
+    ``configs/tiny.yaml`` when ``tiny``."""
     origin = tmp / "origin"
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
                            text=True, check=True).stdout.split()
@@ -67,8 +54,8 @@ def make_origin(tmp: Path, profile: dict | None, e: dict) -> Path:
             (origin / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / f, origin / f)
     (origin / "dvc.lock").unlink(missing_ok=True)
-    if profile:
-        params = merge(yaml.safe_load((origin / "params.yaml").read_text()), profile)
+    if tiny:
+        params = tiny_params(origin / "params.yaml")
         (origin / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     for args in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "bench origin"]):
         run(args, origin, e)

@@ -30,7 +30,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _workspaces import ROOT, TINY, clone, env, make_origin, run  # noqa: E402
+from _workspaces import ROOT, clone, env, make_origin, run  # noqa: E402
 
 PREFECT = [sys.executable, "-m", "prefect"]
 FLOW = "amrg-pipeline"
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         from prefect.client.schemas.objects import StateType
 
-        make_origin(tmp, TINY, e)
+        make_origin(tmp, True, e)
         w1 = clone(tmp, "worker1", e)
         w2 = clone(tmp, "worker2", e)
         run(PREFECT + ["work-pool", "create", "amrg-process", "--type", "process"], w1, e, log)

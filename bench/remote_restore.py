@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _workspaces import DVC, TINY, clone, env, make_origin, ran, restored, run, tree_size  # noqa: E402
+from _workspaces import DVC, clone, env, make_origin, ran, restored, run, tree_size  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     log = tmp / "bench.log"
     e = env(tmp, CUDA_VISIBLE_DEVICES=os.environ.get("CUDA_VISIBLE_DEVICES", ""))
     try:
-        make_origin(tmp, TINY if args.profile == "tiny" else None, e)
+        make_origin(tmp, args.profile == "tiny", e)
         w1 = clone(tmp, "worker1", e)
         t_compute, out1 = run(DVC + ["repro"], w1, e, log)
         t_push, _ = run(DVC + ["push", "--run-cache"], w1, e, log)

@@ -298,6 +298,7 @@ def apply_params_overlay(repo: str | os.PathLike, overlay: dict[str, Any] | str 
     from ruamel.yaml import YAML
 
     from amrg.config import ParamsError, parse_params
+    from amrg.io import write_text
 
     repo = Path(repo)
     items = list(_overlay_items(load_overlay(overlay, repo)))
@@ -329,12 +330,7 @@ def apply_params_overlay(repo: str | os.PathLike, overlay: dict[str, Any] | str 
     # validate the merged text as the stages will read it (PyYAML) through the checks every stage runs
     parse_params(yaml.safe_load(text) or {})
     if changed:
-        tmp = path.with_name(f".{path.name}.overlay.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_text(path, text)  # atomic: temp file, fsync, rename
     return changed
 
 

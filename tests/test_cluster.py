@@ -29,19 +29,15 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
+from amrg.config import tiny_params
+
 ROOT = Path(__file__).resolve().parents[1]
 SHIM = Path(__file__).resolve().parent / "faults"
 pytestmark = pytest.mark.slow
 
-TINY = {
-    "data": {"max_studies": 12},
-    "classifier": {"epochs": 1, "batch_size": 8, "checkpoint_every": 1},
-    "cam": {"max_per_disease": 4, "batch_size": 8, "n_overlays": 1},
-    "banks": {"report": {"size": 30}},
-    "generator": {"epochs": 1, "batch_size": 4, "checkpoint_every": 1},
-    "decode": {"num_beams": 1, "max_new_tokens": 12},
-}
-# cheaper evaluation where the keys exist (evaluate runs twice here: once killed, once to the end)
+# the smoke overlay (configs/tiny.yaml) with a checkpoint after every step, so a kill lands mid-epoch
+CHECKPOINT_EVERY_STEP = {"classifier": {"checkpoint_every": 1}, "generator": {"checkpoint_every": 1}}
+# cheaper evaluation (evaluate runs twice here: once killed, once to the end)
 SPEEDUPS = {"evaluate": {"meteor": False, "bootstrap": 0, "report_samples": 1}}
 STAGES = ["preprocess", "train_classifier", "mine_cam", "encode_visual_bank", "encode_report_bank",
           "train_generator", "evaluate"]
@@ -55,12 +51,6 @@ FAULTS = [
     ("train_generator", "checkpoint|2"),                  # mid-epoch 1 of 1, after batch 2 of 3
     ("evaluate", "write|1"),                              # predictions/metrics only a temp
 ]
-
-
-def _merge(base: dict, over: dict) -> dict:
-    for k, v in over.items():
-        base[k] = _merge(base.get(k, {}), v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
-    return base
 
 
 def _env(tmp: Path, **extra) -> dict:
@@ -137,9 +127,7 @@ def cluster(tmp_path_factory):
             (origin / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / f, origin / f)
     (origin / "dvc.lock").unlink(missing_ok=True)
-    params = _merge(yaml.safe_load((origin / "params.yaml").read_text()), TINY)
-    for section, keys in SPEEDUPS.items():
-        params[section].update({k: v for k, v in keys.items() if k in params[section]})
+    params = tiny_params(origin / "params.yaml", CHECKPOINT_EVERY_STEP, SPEEDUPS)
     (origin / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = _env(tmp)
     _run(["git", "init", "-q"], origin, env)

@@ -11,7 +11,7 @@ from amrg.config import ParamsError, load_params, parse_params
 from amrg.data.adapters import load_iu_xray
 from amrg.data.clean import clean_report, report_sentences
 from amrg.data.images import ImageError, decode_image, decode_many
-from amrg.io import atomic_path, load_checkpoint, read_json, save_checkpoint, write_json
+from amrg.io import load_checkpoint, read_json, save_checkpoint
 
 
 def test_repo_params_are_valid():
@@ -39,17 +39,6 @@ def test_params_int_accepted_for_float_and_bool_not_int():
     with pytest.raises(ParamsError, match="cam.batch_size: expected int"):
         parse_params(raw)
     assert parse_params({"hopfield": {"beta": 8}}).hopfield.beta == 8.0
-
-
-def test_atomic_write_leaves_nothing_on_failure(tmp_path):
-    target = tmp_path / "out.json"
-    write_json(target, {"a": 1})
-    with pytest.raises(RuntimeError):
-        with atomic_path(target) as tmp:
-            tmp.write_text("partial")
-            raise RuntimeError("killed")
-    assert read_json(target) == {"a": 1}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
 
 
 def test_checkpoint_refuses_pickled_code(tmp_path):
@@ -127,3 +116,13 @@ def test_log_history_writes_dvc_plot_files(tmp_path):
     assert (root / "plots/metrics/train_loss.tsv").read_text() == "step\ttrain_loss\n0\t2.0\n1\t1.5\n"
     assert (root / "plots/metrics/val_auroc_label/Edema.tsv").read_text() == "step\tEdema\n0\t0.5\n1\t0.75\n"
     assert read_json(root / "metrics.json") == {"train_loss": 1.5, "val_auroc_label/Edema": 0.75, "step": 1}
+
+
+def test_tiny_overlay_merges_into_valid_params(tmp_path):
+    from amrg.config import merge_overlay, tiny_params
+
+    assert merge_overlay({"a": {"b": 1, "c": 2}, "d": 3}, {"a": {"b": 9}, "e": 4}) == {"a": {"b": 9, "c": 2}, "d": 3, "e": 4}
+    raw = tiny_params("params.yaml", {"generator": {"checkpoint_every": 1}})
+    params = parse_params(raw)
+    assert params.data.max_studies == 12 and params.generator.epochs == 1 and params.generator.checkpoint_every == 1
+    assert params.hopfield == load_params("params.yaml").hopfield  # untouched sections stay as they are

@@ -17,26 +17,11 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
+from amrg.config import tiny_params
 from amrg.data.clean import report_sentences
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-
-TINY = {
-    "data": {"max_studies": 12},
-    "classifier": {"epochs": 1, "batch_size": 8},
-    "cam": {"max_per_disease": 4, "batch_size": 8, "n_overlays": 1},
-    "banks": {"report": {"size": 30}},
-    "generator": {"epochs": 1, "batch_size": 4},
-    "decode": {"num_beams": 1, "max_new_tokens": 12},
-}
-
-
-def _merge(base: dict, over: dict) -> dict:
-    for k, v in over.items():
-        base[k] = _merge(base.get(k, {}), v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
-    return base
-
 
 def _run(args, cwd, env):
     p = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
@@ -58,7 +43,7 @@ def repo(tmp_path_factory):
             (dst / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / f, dst / f)
     (dst / "dvc.lock").unlink(missing_ok=True)
-    params = _merge(yaml.safe_load((dst / "params.yaml").read_text()), TINY)
+    params = tiny_params(dst / "params.yaml")
     (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     _run(["git", "init", "-q"], dst, env)

@@ -156,7 +156,6 @@ def load(checkpoint: str | os.PathLike, tokenizer: str | os.PathLike | None = No
     ``config.json`` (the encoder is built from that config, its weights come from the checkpoint).
     The cache key is (checkpoint path, its mtime and size, tokenizer, device).
     """
-    import torch
     from transformers import AutoTokenizer, BertConfig
 
     path = Path(checkpoint).expanduser().resolve()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -69,10 +70,8 @@ def binarise_targets(labels: torch.Tensor, uncertain_as: str) -> torch.Tensor:
 
 @torch.no_grad()
 def predict_proba(model: DiseaseClassifier, pixels: torch.Tensor, rows, device: torch.device,
-                  precision: str, batch: int) -> "np.ndarray":
+                  precision: str, batch: int) -> np.ndarray:
     """Sigmoid probabilities ``(len(rows), 14)`` for the images ``pixels[rows]``, in batches."""
-    import numpy as np
-
     model.eval()
     out = [torch.zeros(0, model.spec.n_queries)]
     for s in range(0, len(rows), batch):
