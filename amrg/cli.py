@@ -19,9 +19,6 @@ from pathlib import Path
 
 from .config import Params, ParamsError, load_params, to_dict
 
-MAX_CAMS = 3  # predicted diseases whose CAM is described per study
-
-
 def _check(args) -> int:
     try:
         load_params(args.params)
@@ -58,29 +55,26 @@ def _decode(paths: list[str], size: int):
 
 def describe(run, pixels, view_rows, params: Params, batch_size: int = 8) -> list[dict]:
     """Per study: the generated report, the classifier's labels above 0.5 and where each predicted
-    disease's CAM points (amrg.cam.cam_location); overlays as RGB arrays under ``"overlays"``."""
+    disease's CAM points (:meth:`amrg.inference.Run.explain`); overlays as RGB arrays under ``"overlays"``."""
     import numpy as np
     import torch
 
-    from .cam import cam_location, heat_overlay
+    from .cam import heat_overlay
+    from .inference import predicted, study_probabilities
     from .labels.schema import CHEXPERT_14
 
     x = torch.from_numpy(pixels)
     f, fd = run.features(x, view_rows)
     reports = run.generate(f, fd, params.decode, batch_size)
-    probs = run.probabilities(x, np.arange(len(pixels)), batch_size)
+    probs = study_probabilities(run.probabilities(x, np.arange(len(pixels)), batch_size), np.arange(len(pixels)), view_rows)
+    cams = run.explain(x, view_rows, probs, params.cam, batch_size)
     out = []
-    for s, rows in enumerate(view_rows):
-        views = list(dict.fromkeys(int(r) for r in rows))
-        p = probs[views].mean(0)
-        predicted = [(CHEXPERT_14[d], float(p[d])) for d in np.argsort(-p) if p[d] > 0.5]
-        targets = [CHEXPERT_14.index(n) for n, _ in predicted if n != "No Finding"][:MAX_CAMS]
-        jobs = [(d, v) for d in targets for v in views]
-        cams = run.cams(x[[v for _, v in jobs]], [d for d, _ in jobs], params.cam.method) if jobs else []
-        where = [{"label": CHEXPERT_14[d], "image": v, **cam_location(c, params.cam.patch, params.cam.tau)}
-                 for (d, v), c in zip(jobs, cams)]
-        overlays = [heat_overlay(pixels[v], c) for (_, v), c in zip(jobs, cams)]
-        out.append({"report": reports[s], "predicted": predicted, "cam": where, "overlays": overlays})
+    for s in range(len(view_rows)):
+        overlays = [heat_overlay(pixels[c["image"]], c.pop("map")) for c in cams[s]]
+        for c in cams[s]:
+            c.pop("disease")
+        out.append({"report": reports[s], "predicted": [(CHEXPERT_14[d], p) for d, p in predicted(probs[s])],
+                    "cam": cams[s], "overlays": overlays})
     return out
 
 

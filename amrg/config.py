@@ -349,6 +349,15 @@ def merge_overlay(base: dict, overlay: dict) -> dict:
     return base
 
 
+def get_dotted(d: Any, key: str) -> Any:
+    """``d["a"]["b"]`` for ``key = "a.b"``; None where a part is missing or not a mapping."""
+    for part in key.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return None
+        d = d[part]
+    return d
+
+
 def tiny_params(params_file: str | Path, *extra: dict) -> dict:
     """``params_file`` merged with the smoke overlay ``configs/tiny.yaml`` beside it, then ``extra``."""
     params_file = Path(params_file)

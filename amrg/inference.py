@@ -7,6 +7,7 @@ One way to turn stage outputs back into models, used by the ``evaluate`` stage a
     reports = run.generate(f, fd, decode, batch_size)   # decoded reports
     probs = run.probabilities(pixels, rows, batch_size) # classifier sigmoid per image
     cams = run.cams(pixels[rows], diseases, "gradcam")  # CAM maps in [0, 1] per (image, disease)
+    where = run.explain(pixels, view_rows, study_probs, cam)  # per study: CAMs of its predicted diseases
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ import torch
 from tqdm import tqdm
 
 from .io import autocast, load_tensors, read_json
+from .labels.schema import CHEXPERT_14
+
+MAX_CAMS = 3  # predicted diseases (No Finding aside) whose CAM is computed per study
+NO_FINDING = CHEXPERT_14.index("No Finding")
 
 # what each file of a run is, and the stage that writes it
 RUN_FILES: tuple[tuple[str, str], ...] = (
@@ -44,6 +49,18 @@ def check_run(root: str | Path, need: tuple[str, ...] | None = None) -> None:
         raise MissingArtifacts(
             f"{root / rel} not found: the trained artifacts are not built yet. Run `dvc repro {stage}` "
             f"(or `dvc repro` / `make run` for the whole pipeline) in the repository, or pass --run <artifacts dir>")
+
+
+def predicted(probs: np.ndarray) -> list[tuple[int, float]]:
+    """(disease, p) of one study's ``(14,)`` probabilities above 0.5, most probable first."""
+    return [(int(d), float(probs[d])) for d in np.argsort(-probs) if probs[d] > 0.5]
+
+
+def study_probabilities(img_probs: np.ndarray, img_rows: np.ndarray, view_rows: np.ndarray) -> np.ndarray:
+    """Study-level ``(S, 14)`` probabilities: the mean over each study's distinct views; ``img_probs[k]``
+    belongs to image row ``img_rows[k]``."""
+    pos = {int(r): k for k, r in enumerate(img_rows)}
+    return np.stack([img_probs[[pos[r] for r in dict.fromkeys(v.tolist())]].mean(0) for v in view_rows])
 
 
 def load_banks(hopfield, root: str | Path = "artifacts") -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -103,6 +120,24 @@ class Run:
                                        for s in range(0, len(diseases), batch_size)])
         finally:
             miner.close()
+
+    def explain(self, pixels: torch.Tensor, view_rows: np.ndarray, study_probs: np.ndarray, cam,
+                batch_size: int) -> list[list[dict]]:
+        """Per study, for each of its first MAX_CAMS predicted diseases (No Finding aside) and each
+        distinct view: ``{"disease", "label", "image" (row), "map" (H, W CAM), **cam_location}``.
+        ``cam`` is :class:`amrg.config.Cam` (method, patch, tau); one CAM batch serves every study."""
+        from .cam import cam_location
+
+        jobs = []  # (study, disease, image row)
+        for s, rows in enumerate(view_rows):
+            diseases = [d for d, _ in predicted(study_probs[s]) if d != NO_FINDING][:MAX_CAMS]
+            jobs += [(s, d, r) for d in diseases for r in dict.fromkeys(int(x) for x in rows)]
+        out: list[list[dict]] = [[] for _ in view_rows]
+        maps = self.cams(pixels[[r for *_, r in jobs]], [d for _, d, _ in jobs], cam.method, batch_size)
+        for (s, d, r), m in zip(jobs, maps):
+            out[s].append({"disease": d, "label": CHEXPERT_14[d], "image": r, "map": m,
+                           **cam_location(m, cam.patch, cam.tau)})
+        return out
 
 
 def load_run(root: str | Path, device: torch.device, precision: str = "fp32") -> Run:

@@ -19,6 +19,7 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image
 
+from .config import get_dotted
 from .labels.schema import CHEXPERT_14
 
 NLG_COLUMNS = ("BLEU_1", "BLEU_2", "BLEU_3", "BLEU_4", "METEOR", "ROUGE_L", "CIDEr")
@@ -98,14 +99,6 @@ def _fmt(v: Any) -> str:
     return "–" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.3f}"
 
 
-def _get(d: dict, key: str) -> Any:
-    for part in key.split("."):
-        if not isinstance(d, dict) or part not in d:
-            return None
-        d = d[part]
-    return d
-
-
 def _metric_keys(result: dict) -> list[tuple[str, str]]:
     keys = [(k, k.replace("_", "-")) for k in NLG_COLUMNS if k in result["model"]]
     return keys + [(f"ce.{k}", f"CE {k[0].upper()}" if k != "f1" else "CE F1") for k in CE_COLUMNS]
@@ -114,14 +107,14 @@ def _metric_keys(result: dict) -> list[tuple[str, str]]:
 def metric_table(result: dict, ci: dict | None) -> str:
     systems = [("model", result["model"])] + list(result.get("baselines", {}).items())
     keys = _metric_keys(result)
-    best = {k: max((_get(s, k) for _, s in systems if _get(s, k) is not None), default=None) for k, _ in keys}
+    best = {k: max((get_dotted(s, k) for _, s in systems if get_dotted(s, k) is not None), default=None) for k, _ in keys}
     head = "".join(f"<th>{html.escape(label)}</th>" for _, label in keys)
     rows = []
     for name, scores in systems:
         cells = []
         for k, _ in keys:
-            v = _get(scores, k)
-            interval = _get(ci or {}, f"{name}.{k}")
+            v = get_dotted(scores, k)
+            interval = get_dotted(ci or {}, f"{name}.{k}")
             small = f"<small>[{_fmt(interval['lo'])}, {_fmt(interval['hi'])}]</small>" if interval else ""
             cls = ' class="best"' if v is not None and v == best[k] else ""
             cells.append(f"<td><span{cls}>{_fmt(v)}</span>{small}</td>")
@@ -138,7 +131,7 @@ def paired_table(result: dict, paired: dict) -> str:
     for name, diffs in paired.items():
         cells = []
         for k, _ in keys:
-            d = _get(diffs, k)
+            d = get_dotted(diffs, k)
             if d is None:
                 cells.append("<td>–</td>")
                 continue

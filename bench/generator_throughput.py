@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import resource
-import time
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -23,6 +22,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from amrg.config import Generator, Hopfield
 from amrg.models.generator import ReportGenerator
 from amrg.models.llm import train_word_tokenizer
+
+from _timing import timed  # bench/ is on sys.path when a bench runs as a script
 
 PRESETS = {  # LM shape, visual tokens (2 views), visual width, query width, bank shapes, hopfield dim
     "tiny": dict(vocab=986, llm=dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256),
@@ -36,18 +37,6 @@ def peak_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def timed(step, repeats: int, device: torch.device) -> float:
-    step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(repeats):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t) / repeats
 
 
 def main() -> None:

@@ -21,6 +21,8 @@ import torch
 
 from amrg.models.hopfield import HopfieldRetrieval
 
+from _timing import timed  # bench/ is on sys.path when a bench runs as a script
+
 
 def clustered(n: int, d: int, seed: int, centres: int = 256) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
@@ -30,18 +32,6 @@ def clustered(n: int, d: int, seed: int, centres: int = 256) -> torch.Tensor:
         m = min(100_000, n - s)
         out[s:s + m] = c[torch.randint(0, centres, (m,), generator=g)] + 0.5 * torch.randn(m, d, generator=g)
     return out
-
-
-def timed(fn, repeats: int, device: torch.device) -> float:
-    fn()  # warm-up (builds the index on the first top-k call)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t) / repeats
 
 
 def main() -> None:

@@ -49,6 +49,7 @@ from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
+from amrg.config import get_dotted  # noqa: E402
 from flows.dvc_tasks import run_dvc  # noqa: E402
 
 EVAL_METRICS = "artifacts/eval/metrics.json"
@@ -151,14 +152,6 @@ def _dvc(repo: Path, args: list[str], log=print, quiet: bool = False) -> str:
     return "\n".join(res.lines)
 
 
-def _get(d: Any, dotted: str) -> Any:
-    for part in dotted.split("."):
-        if not isinstance(d, dict) or part not in d:
-            return None
-        d = d[part]
-    return d
-
-
 def collect(show: list[dict], grid: Grid, baseline: bool = True) -> list[dict[str, Any]]:
     """Rows of the comparison from ``dvc exp show --json``: experiment, table, state, swept params, metrics
     (and ``<metric> lo`` / ``<metric> hi`` where the evaluate stage wrote a 95% CI for it)."""
@@ -173,7 +166,7 @@ def collect(show: list[dict], grid: Grid, baseline: bool = True) -> list[dict[st
     def metric(metrics: dict[str, dict], spec: str) -> Any:
         path, _, key = spec.rpartition(":")
         files = [path] if path else ([EVAL_METRICS] if EVAL_METRICS in metrics else list(metrics))
-        return next((v for f in files if (v := _get(metrics.get(f), key)) is not None), None)
+        return next((v for f in files if (v := get_dotted(metrics.get(f), key)) is not None), None)
 
     found: dict[str, dict] = {}
     base_rows = []
@@ -190,7 +183,7 @@ def collect(show: list[dict], grid: Grid, baseline: bool = True) -> list[dict[st
 
     def make(table: str, name: str, got: dict, state: str) -> dict[str, Any]:
         r: dict[str, Any] = {"table": table, "experiment": name, "state": state}
-        r.update({k: _get(got["params"], k) for k in keys})
+        r.update({k: get_dotted(got["params"], k) for k in keys})
         for label, spec in grid.metrics.items():
             r[label] = metric(got["metrics"], spec)
             path, _, key = spec.rpartition(":")

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 from amrg.baselines import most_frequent_report, nearest_neighbour_reports, oracle_reports
-from amrg.cam import cam_location, heat_overlay
+from amrg.cam import heat_overlay
 from amrg.data.store import load_images, load_studies
-from amrg.inference import load_run
+from amrg.inference import MAX_CAMS, NO_FINDING, load_run, predicted, study_probabilities
 from amrg.io import read_json, setup_runtime, write_json, write_parquet, write_text
 from amrg.labels import count_empty, label
 from amrg.labels.schema import CHEXPERT_14
@@ -34,8 +34,6 @@ from amrg.report_html import Sample, positive_labels, render, sentence_findings
 from .common import ARTIFACTS, PHANTOM_FLAG, Timer, is_phantom, start, write_resolved
 
 PRE, CLS, OUT = ARTIFACTS / "preprocess", ARTIFACTS / "classifier", ARTIFACTS / "eval"
-NO_FINDING = CHEXPERT_14.index("No Finding")
-MAX_CAMS = 3  # predicted diseases with a CAM overlay per sample study
 
 
 def check_java(ev) -> None:
@@ -72,22 +70,17 @@ def samples(run, rows: np.ndarray, view_rows: np.ndarray, study_probs: np.ndarra
     """Report samples: views, CAM overlays of up to MAX_CAMS predicted diseases, reports with their labels."""
     ua = params.evaluate.ce_uncertain_as
     texts = sentence_findings([refs[i] for i in rows] + [hyps[i] for i in rows], labeler, ua)
-    jobs = []  # (sample, view row, disease)
+    cams = run.explain(pixels, view_rows[rows], study_probs[rows], params.cam, params.evaluate.batch_size)
     out = []
     for j, i in enumerate(rows):
-        pred = [(d, float(study_probs[i, d])) for d in np.argsort(-study_probs[i]) if study_probs[i, d] > 0.5]
-        for d, _ in [x for x in pred if x[0] != NO_FINDING][:MAX_CAMS]:
-            jobs += [(j, int(r), int(d)) for r in dict.fromkeys(view_rows[i].tolist())]
-        out.append(Sample(ids[i], [pixels[r].numpy() for r in dict.fromkeys(view_rows[i].tolist())],
-                          texts[j], texts[len(rows) + j], positive_labels(ref_labels[i], ua),
-                          positive_labels(hyp_labels[i], ua), [(CHEXPERT_14[d], p) for d, p in pred]))
-    if jobs:
-        r = torch.tensor([x[1] for x in jobs])
-        cams = run.cams(pixels[r], [x[2] for x in jobs], params.cam.method, params.evaluate.batch_size)
-        for (j, row, d), cam in zip(jobs, cams):
-            where = cam_location(cam, params.cam.patch, params.cam.tau)["where"]
-            view = list(view_rows[rows[j]]).index(row)
-            out[j].overlays.append((f"{CHEXPERT_14[d]}, view {view}: {where}", heat_overlay(pixels[row].numpy(), cam)))
+        views = list(dict.fromkeys(view_rows[i].tolist()))
+        sample = Sample(ids[i], [pixels[r].numpy() for r in views], texts[j], texts[len(rows) + j],
+                        positive_labels(ref_labels[i], ua), positive_labels(hyp_labels[i], ua),
+                        [(CHEXPERT_14[d], p) for d, p in predicted(study_probs[i])])
+        for c in cams[j]:
+            sample.overlays.append((f"{c['label']}, view {views.index(c['image'])}: {c['where']}",
+                                    heat_overlay(pixels[c['image']].numpy(), c["map"])))
+        out.append(sample)
     return out
 
 
@@ -155,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     per_label = {name: v[0]["ce"]["per_label"] for name, v in scored.items()}
     hyp_labels = scored["model"][2]
-    study_probs = img_probs_by_study(img_probs, test_imgs, view_rows)
+    study_probs = study_probabilities(img_probs, test_imgs, view_rows)
     report_timer = Timer()
     picked = pick_samples(ref_labels, ev.report_samples, params.runtime.seed) if ev.report_samples else np.zeros(0, int)
     shown = samples(run, picked, view_rows, study_probs, pixels, ids, refs, hyps, ref_labels, hyp_labels, labeler, params)
@@ -174,12 +167,6 @@ def main(argv: list[str] | None = None) -> None:
                                                 **{f"baseline_{k}": v for k, v in systems.items() if k != "model"}})
     write_resolved(OUT, decode=params.decode, evaluate=ev, labels=params.labels, cam=params.cam, runtime=params.runtime)
     print(summary(result))
-
-
-def img_probs_by_study(img_probs: np.ndarray, img_rows: np.ndarray, view_rows: np.ndarray) -> np.ndarray:
-    """Study-level classifier probabilities: the mean over the study's (distinct) views."""
-    pos = {int(r): k for k, r in enumerate(img_rows)}
-    return np.stack([img_probs[[pos[int(r)] for r in dict.fromkeys(v.tolist())]].mean(0) for v in view_rows])
 
 
 def _half(interval: dict | None) -> str:
