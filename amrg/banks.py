@@ -73,3 +73,14 @@ def sentence_rows(reports: list[str], study_ids: list[str], picks: list[tuple[in
             else:
                 rows[s] = {"sentence": s, "study_id": study_ids[r], "disease": d, "count": 1}
     return {k: [row[k] for row in rows.values()] for k in ("sentence", "study_id", "disease", "count")}
+
+
+def load_banks(layout, hopfield) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The memory banks of the run in ``layout`` (:class:`amrg.layout.Layout`) that the Hopfield switches
+    turn on (None for a switched-off memory; Table IV rows #01-#04)."""
+    from .io import load_tensors
+
+    layout.require(([layout.visual_bank] if hopfield.visual else []) + ([layout.report_bank] if hopfield.report else []))
+    v = load_tensors(layout.visual_bank)["bank"] if hopfield.visual else None
+    r = load_tensors(layout.report_bank)["bank"] if hopfield.report else None
+    return v, r

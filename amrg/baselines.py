@@ -19,9 +19,7 @@ import numpy as np
 import torch
 
 from .data.clean import report_sentences
-from .labels.schema import CHEXPERT_14
-
-NO_FINDING = CHEXPERT_14.index("No Finding")
+from .labels.schema import CHEXPERT_14, NO_FINDING, binarize
 
 
 def most_frequent_report(train_reports: list[str]) -> str:
@@ -43,7 +41,7 @@ def oracle_reports(test_labels: np.ndarray, train_reports: list[str],
     counts = Counter(s for r in train_reports for s in report_sentences(r))
     sentences = [s for s, _ in counts.most_common()]
     sent_labels = labeler(sentences)
-    positive = np.nan_to_num(sent_labels, nan=0.0) == 1
+    positive = binarize(sent_labels, "negative")  # a sentence counts for a finding it states, not one it doubts
     positive[:, NO_FINDING] = False
     only_one = positive.sum(1) == 1
     finding_sentence = {}
@@ -54,7 +52,7 @@ def oracle_reports(test_labels: np.ndarray, train_reports: list[str],
     default = most_frequent_report(train_reports)
     default_sents = report_sentences(default)
     default_labels = labeler(default_sents)
-    wanted = (test_labels == 1) | ((test_labels == -1) if uncertain_as == "positive" else False)
+    wanted = binarize(test_labels, uncertain_as)
     out = []
     for row in wanted:
         ks = [k for k in np.flatnonzero(row) if k != NO_FINDING and k in finding_sentence]

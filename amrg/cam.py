@@ -71,6 +71,29 @@ def heat_overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.6) -> np.n
     return (gray * (1 - a) + heat * a).round().clip(0, 255).astype(np.uint8)
 
 
+def overlay_strip(image: np.ndarray, cam: np.ndarray, masked: np.ndarray, alpha: float = 0.6) -> np.ndarray:
+    """``[image | heat_overlay(image, cam) | masked image]`` side by side: uint8 RGB ``(H, 3 W, 3)``.
+
+    ``image`` and ``masked`` (the eq. 1 masked pixels of :func:`apply_mask`) are uint8 ``(H, W)``,
+    ``cam`` ``(H, W)`` in [0, 1]. The heat map is the one of every other overlay (:func:`heat_overlay`)."""
+    image, masked = np.asarray(image, dtype=np.uint8), np.asarray(masked, dtype=np.uint8)
+    if image.ndim != 2 or image.shape != np.shape(cam) or image.shape != masked.shape:
+        raise ValueError(f"image {image.shape}, cam {np.shape(cam)} and masked {masked.shape} must be one (H, W) shape")
+    gray = np.repeat(image[..., None], 3, axis=2)
+    return np.concatenate([gray, heat_overlay(image, cam, alpha), np.repeat(masked[..., None], 3, axis=2)], axis=1)
+
+
+def overlay_strip_png(image: np.ndarray, cam: np.ndarray, masked: np.ndarray, alpha: float = 0.6) -> bytes:
+    """:func:`overlay_strip` as PNG bytes (the ``cam/overlays/*.png`` files)."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(overlay_strip(image, cam, masked, alpha)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 _ROWS, _COLS = ("upper", "middle", "lower"), ("left", "centre", "right")
 
 

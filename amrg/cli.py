@@ -1,9 +1,10 @@
 """``amrg`` command: check params, generate reports for new images, show the state of a workspace.
 
     amrg check    [--params params.yaml]     validate every key before running anything
-    amrg generate IMAGE [IMAGE ...] [--run artifacts] [--study] [--cam-dir DIR] [--json]
-                                             report, predicted labels and where CAM points, per image
-                                             (--study: the images are the views of one study)
+    amrg generate IMAGE [IMAGE ...] [--run artifacts] [--params FILE] [--device auto] [--study]
+                  [--cam-dir DIR] [--json]   report, predicted labels and where CAM points, per image
+                                             (--study: the images are the views of one study); decode
+                                             and CAM settings are the run's own (its eval/params.json)
     amrg show     [--params params.yaml] [--run artifacts]
                                              params hash, data version, stage status (dvc) and metrics
 """
@@ -18,6 +19,7 @@ import sys
 from pathlib import Path
 
 from .config import Params, ParamsError, load_params, to_dict
+from .labels.schema import DECISION_THRESHOLD
 
 def _check(args) -> int:
     try:
@@ -30,9 +32,10 @@ def _check(args) -> int:
 
 
 # ------------------------------------------------------------------------------------------ generate
-def _fail(msg: str) -> int:
+def _fail(msg: str, code: int = 2) -> int:
+    """Exit status 2: bad usage or input; 1: the run's artifacts are not built yet."""
     print(f"amrg generate: {msg}", file=sys.stderr)
-    return 2
+    return code
 
 
 def _decode(paths: list[str], size: int):
@@ -54,7 +57,7 @@ def _decode(paths: list[str], size: int):
 
 
 def describe(run, pixels, view_rows, params: Params, batch_size: int = 8) -> list[dict]:
-    """Per study: the generated report, the classifier's labels above 0.5 and where each predicted
+    """Per study: the generated report, the classifier's labels above the decision threshold and where each predicted
     disease's CAM points (:meth:`amrg.inference.Run.explain`); overlays as RGB arrays under ``"overlays"``."""
     import numpy as np
     import torch
@@ -81,32 +84,34 @@ def describe(run, pixels, view_rows, params: Params, batch_size: int = 8) -> lis
 def _generate(args) -> int:
     import numpy as np
 
-    from .inference import MissingArtifacts, check_run, load_run
-    from .io import read_json, resolve_device
+    from .inference import MissingArtifacts, load_run, run_params
+    from .io import resolve_device
+    from .layout import Layout
 
-    run_dir = Path(args.run)
+    layout = Layout(Path(args.run))
     try:
-        check_run(run_dir)
+        params = run_params(layout, args.params)
+        run = load_run(layout, resolve_device(args.device), params.runtime.precision)
     except MissingArtifacts as e:
+        return _fail(str(e), code=1)
+    except ParamsError as e:
         return _fail(str(e))
-    params = load_params(args.params) if Path(args.params).is_file() else Params()
-    size = int(read_json(run_dir / "classifier" / "config.json")["spec"]["img_size"])
     try:
-        pixels = _decode(args.images, size)
+        pixels = _decode(args.images, run.image_size)
     except ValueError as e:
         return _fail(str(e))
     rows = np.array([[0, min(1, len(pixels) - 1)]]) if args.study else np.repeat(np.arange(len(pixels))[:, None], 2, 1)
-    stats = run_dir / "preprocess" / "stats.json"
-    phantom = stats.is_file() and read_json(stats).get("phantom_images", False)
-    run = load_run(run_dir, resolve_device(params.runtime.device), params.runtime.precision)
+    phantom = layout.is_phantom()
     results = describe(run, pixels, rows, params)
     names = [" + ".join(args.images[:2])] if args.study else args.images
     if args.cam_dir:
         from PIL import Image
 
+        from .labels.schema import label_slug
+
         for name, r in zip(names, results):
             for c, ov in zip(r["cam"], r["overlays"]):
-                dst = Path(args.cam_dir) / f"{Path(args.images[c['image']]).stem}_{c['label'].lower().replace(' ', '_')}.png"
+                dst = Path(args.cam_dir) / f"{Path(args.images[c['image']]).stem}_{label_slug(c['label'])}.png"
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(ov).save(dst)
                 c["overlay"] = str(dst)
@@ -120,7 +125,7 @@ def _generate(args) -> int:
               "are not meaningful", file=sys.stderr)
     for name, r in zip(names, results):
         print(f"== {name}")
-        print("predicted labels (p > 0.5): " + (", ".join(f"{n} {p:.2f}" for n, p in r["predicted"]) or "none"))
+        print(f"predicted labels (p > {DECISION_THRESHOLD}): " + (", ".join(f"{n} {p:.2f}" for n, p in r["predicted"]) or "none"))
         for c in r["cam"]:
             box = c["box"]
             kept = (f"; eq. 1 keeps {c['kept']:.0%} of the patches, box x {box[0]:.2f}-{box[2]:.2f}, y {box[1]:.2f}-{box[3]:.2f}"
@@ -222,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, fn, helptext in (("check", _check, "validate params"), ("show", _show, "state of this workspace"),
                                ("generate", _generate, "reports for new images")):
         p = sub.add_parser(name, help=helptext)
-        p.add_argument("--params", default="params.yaml")
+        p.add_argument("--params", default=None if name == "generate" else "params.yaml",
+                       help="params file (generate: default the run's own, written by its evaluate stage)")
         if name != "check":
             p.add_argument("--run", default="artifacts", help="artifacts directory of a trained run (default: artifacts)")
         p.set_defaults(fn=fn)
@@ -231,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--study", action="store_true", help="the images are the views of one study (first two used)")
             p.add_argument("--cam-dir", default=None, help="write CAM overlays (PNG) of the predicted diseases here")
             p.add_argument("--json", action="store_true", help="print JSON instead of text")
+            p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="device (default: auto)")
     args = ap.parse_args(argv)
     return args.fn(args)
 

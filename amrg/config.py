@@ -104,10 +104,11 @@ class Classifier:
     ortho_weight: float = 0.1
     uncertain_as: Literal["negative", "positive"] = "negative"
     pos_weight: bool = False
+    pos_weight_cap: float = 100.0  # largest BCE weight of a rare disease's positives (pos_weight: true)
     checkpoint_every: int = 50  # optimizer steps between resumable checkpoints
 
     def check(self) -> list[str]:
-        return _positive(self, "classifier", ["epochs", "batch_size", "lr", "checkpoint_every"])
+        return _positive(self, "classifier", ["epochs", "batch_size", "lr", "checkpoint_every", "pos_weight_cap"])
 
 
 @dataclass(frozen=True)
@@ -356,15 +357,6 @@ def get_dotted(d: Any, key: str) -> Any:
             return None
         d = d[part]
     return d
-
-
-def tiny_params(params_file: str | Path, *extra: dict) -> dict:
-    """``params_file`` merged with the smoke overlay ``configs/tiny.yaml`` beside it, then ``extra``."""
-    params_file = Path(params_file)
-    raw = yaml.safe_load(params_file.read_text())
-    for overlay in (yaml.safe_load((params_file.parent / "configs" / "tiny.yaml").read_text()), *extra):
-        merge_overlay(raw, overlay)
-    return raw
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

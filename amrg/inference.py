@@ -1,59 +1,35 @@
-"""A trained run rebuilt from its artifacts directory: classifier + memory banks + report generator.
+"""A trained run rebuilt from its artifacts: classifier + memory banks + report generator.
 
 One way to turn stage outputs back into models, used by the ``evaluate`` stage and by ``amrg generate``:
 
-    run = load_run("artifacts", device)                 # checks every file first, names the stage to run
+    run = load_run(Layout("artifacts"), device)        # checks every file first, names the stage to run
     f, fd = run.features(pixels, view_rows)             # frozen stage-1 features (F, F_d) per study
     reports = run.generate(f, fd, decode, batch_size)   # decoded reports
     probs = run.probabilities(pixels, rows, batch_size) # classifier sigmoid per image
     cams = run.cams(pixels[rows], diseases, "gradcam")  # CAM maps in [0, 1] per (image, disease)
     where = run.explain(pixels, view_rows, study_probs, cam)  # per study: CAMs of its predicted diseases
+
+The generator is rebuilt from its :class:`~amrg.models.generator.GeneratorSpec` (``generator/config.json``)
+through the same factory as in training, in the same LLM dtype.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from .io import autocast, load_tensors, read_json
-from .labels.schema import CHEXPERT_14
+from .io import autocast, load_tensors, progress, read_json
+from .labels.schema import CHEXPERT_14, DECISION_THRESHOLD, NO_FINDING
+from .layout import Layout, MissingArtifacts  # noqa: F401  (MissingArtifacts re-exported for callers)
 
 MAX_CAMS = 3  # predicted diseases (No Finding aside) whose CAM is computed per study
-NO_FINDING = CHEXPERT_14.index("No Finding")
-
-# what each file of a run is, and the stage that writes it
-RUN_FILES: tuple[tuple[str, str], ...] = (
-    ("classifier/model.safetensors", "train_classifier"),
-    ("classifier/config.json", "train_classifier"),
-    ("banks/visual/bank.safetensors", "encode_visual_bank"),
-    ("banks/report/bank.safetensors", "encode_report_bank"),
-    ("generator/weights.safetensors", "train_generator"),
-    ("generator/config.json", "train_generator"),
-)
-
-
-class MissingArtifacts(FileNotFoundError):
-    """A stage output a run needs is absent: the message says which stage builds it."""
-
-
-def check_run(root: str | Path, need: tuple[str, ...] | None = None) -> None:
-    """Raise :class:`MissingArtifacts` naming the first stage (in pipeline order) whose output is missing."""
-    root = Path(root)
-    missing = [(rel, stage) for rel, stage in RUN_FILES if (need is None or rel in need) and not (root / rel).is_file()]
-    if missing:
-        rel, stage = missing[0]
-        raise MissingArtifacts(
-            f"{root / rel} not found: the trained artifacts are not built yet. Run `dvc repro {stage}` "
-            f"(or `dvc repro` / `make run` for the whole pipeline) in the repository, or pass --run <artifacts dir>")
 
 
 def predicted(probs: np.ndarray) -> list[tuple[int, float]]:
-    """(disease, p) of one study's ``(14,)`` probabilities above 0.5, most probable first."""
-    return [(int(d), float(probs[d])) for d in np.argsort(-probs) if probs[d] > 0.5]
+    """(disease, p) of one study's ``(14,)`` probabilities above the decision threshold, most probable first."""
+    return [(int(d), float(probs[d])) for d in np.argsort(-probs) if probs[d] > DECISION_THRESHOLD]
 
 
 def study_probabilities(img_probs: np.ndarray, img_rows: np.ndarray, view_rows: np.ndarray) -> np.ndarray:
@@ -63,20 +39,12 @@ def study_probabilities(img_probs: np.ndarray, img_rows: np.ndarray, view_rows: 
     return np.stack([img_probs[[pos[r] for r in dict.fromkeys(v.tolist())]].mean(0) for v in view_rows])
 
 
-def load_banks(hopfield, root: str | Path = "artifacts") -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The memory banks that the Hopfield switches turn on (None for a switched-off memory)."""
-    root = Path(root)
-    v = load_tensors(root / "banks" / "visual" / "bank.safetensors")["bank"] if hopfield.visual else None
-    r = load_tensors(root / "banks" / "report" / "bank.safetensors")["bank"] if hopfield.report else None
-    return v, r
-
-
 @dataclass
 class Run:
-    root: Path
+    layout: Layout
     classifier: torch.nn.Module
     generator: torch.nn.Module
-    config: dict  # generator/config.json
+    spec: "GeneratorSpec"  # noqa: F821
     device: torch.device
     precision: str
 
@@ -88,14 +56,13 @@ class Run:
         """Frozen stage-1 inputs of the generator for studies ``view_rows (S, 2)`` of uint8 ``pixels``."""
         from .models.features import study_features
 
-        return study_features(self.classifier, pixels, view_rows, self.config["visual_pool"], self.device,
+        return study_features(self.classifier, pixels, view_rows, self.spec.visual_pool, self.device,
                               self.precision)
 
     @torch.no_grad()
     def generate(self, f: torch.Tensor, fd: torch.Tensor, decode, batch_size: int, desc: str = "generate") -> list[str]:
         out: list[str] = []
-        starts = range(0, len(f), batch_size)
-        for s in tqdm(starts, desc=desc, unit="batch", leave=False, mininterval=5, disable=len(starts) < 2):
+        for s in progress(range(0, len(f), batch_size), desc, unit="batch"):
             with autocast(self.device, self.precision):
                 out += self.generator.generate(f[s:s + batch_size].to(self.device), fd[s:s + batch_size].to(self.device),
                                                decode)
@@ -140,22 +107,34 @@ class Run:
         return out
 
 
-def load_run(root: str | Path, device: torch.device, precision: str = "fp32") -> Run:
-    """Rebuild the classifier and the report generator (with its banks) of the run in ``root``."""
-    from .config import Hopfield
-    from .models.generator import ReportGenerator
-    from .models.llm import load_llm
+def load_run(layout: Layout, device: torch.device, precision: str = "fp32") -> Run:
+    """Rebuild the classifier and the report generator (with its banks) of the run in ``layout``;
+    :class:`~amrg.layout.MissingArtifacts` names the first stage whose output is missing."""
+    from .banks import load_banks
+    from .models.generator import GeneratorSpec, create_generator
     from .models.load import load_classifier
 
-    root = Path(root)
-    check_run(root, need=tuple(rel for rel, _ in RUN_FILES if not rel.startswith("banks/")))
-    cfg = read_json(root / "generator" / "config.json")
-    hop = Hopfield(**cfg["hopfield"])
-    check_run(root, need=(("banks/visual/bank.safetensors",) if hop.visual else ())
-              + (("banks/report/bank.safetensors",) if hop.report else ()))
-    classifier = load_classifier(root / "classifier", device)
-    llm, tokenizer = load_llm(root / "generator", cfg["llm"])
-    model = ReportGenerator(llm, tokenizer, cfg["visual_dim"], cfg["query_dim"], *load_banks(hop, root), hop,
-                            cfg["prompt"], cfg.get("index"))
-    model.load_trainable(load_tensors(root / "generator" / "weights.safetensors"))
-    return Run(root, classifier, model.to(device).eval(), cfg, device, precision)
+    if not layout.generator_config.is_file():
+        layout.require(layout.run_files())
+    spec = GeneratorSpec.from_dict(read_json(layout.generator_config)["spec"])
+    layout.require(layout.run_files(spec.hopfield.visual, spec.hopfield.report))
+    classifier = load_classifier(layout.stage_dir("train_classifier"), device)
+    model = create_generator(spec, *load_banks(layout, spec.hopfield), saved=layout.stage_dir("train_generator"))
+    model.load_trainable(load_tensors(layout.generator_weights))
+    return Run(layout, classifier, model.to(device).eval(), spec, device, precision)
+
+
+def run_params(layout: Layout, params_file: str | None = None):
+    """The settings a trained run is used with (:class:`amrg.config.Params`): its own ``decode``, ``cam``,
+    ``runtime`` and ``labels``, as the ``evaluate`` stage resolved them beside its scores
+    (``eval/params.json``), or those of an explicit ``params_file``. Neither present is an error: a
+    run is never decoded with defaults it did not use."""
+    from .config import load_params, parse_params
+
+    if params_file is not None:
+        return load_params(params_file)
+    resolved = layout.params("evaluate")
+    if not resolved.is_file():
+        raise MissingArtifacts(f"{resolved} not found: the run's decode and CAM settings are written by the "
+                               "evaluate stage. Run `dvc repro evaluate`, or pass --params FILE")
+    return parse_params(read_json(resolved))

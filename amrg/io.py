@@ -1,4 +1,4 @@
-"""Atomic artifact writes, resumable training checkpoints, device/seed helpers.
+"""Atomic artifact writes, resumable training checkpoints, device/seed helpers, progress of long loops.
 
 Every writer goes to a temporary file in the destination directory, fsyncs it and renames it over
 the target, so an interrupted stage never leaves a truncated artifact at an output path.
@@ -13,8 +13,9 @@ import logging
 import os
 import random
 import tempfile
+import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -23,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @contextlib.contextmanager
@@ -118,12 +120,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``"auto"`` / ``None``: CUDA when visible, else CPU; otherwise ``torch.device(device)``
+    (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...). A CUDA device without CUDA is a ``RuntimeError``."""
+    if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("runtime.device=cuda but no CUDA device is visible; set runtime.device=auto or cpu")
-    return torch.device(device)
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"runtime.device={device} but no CUDA device is visible; set runtime.device=auto or cpu")
+    return dev
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -149,3 +154,36 @@ def setup_runtime(runtime: Any) -> torch.device:
 def setup_logging() -> None:
     logging.basicConfig(level=os.environ.get("AMRG_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+# ----------------------------------------------------------------------------- progress
+def progress(iterable: Iterable[T], desc: str, total: int | None = None, unit: str = "it",
+             count: Callable[[T], int] | None = None, mininterval: float = 5.0) -> Iterator[T]:
+    """Iterate ``iterable`` with a tqdm bar on rank 0 and, once it is exhausted, one INFO log line
+    ``"<desc>: N <unit> in S s (R <unit>/s)"`` (rank 0 only; no line when the loop is left early).
+
+    ``count(item)`` is how many ``unit`` one item stands for (e.g. ``len`` of a batch, so a loop over
+    batches counts sentences); ``total`` is then in ``unit`` too (default ``len(iterable)`` when it has
+    one and ``count`` is not given). The bar redraws at most every ``mininterval`` seconds and does not
+    stay in the log (``leave=False``): the log line does.
+    """
+    from tqdm import tqdm
+
+    from .dist import context
+
+    main = context().is_main
+    if total is None and count is None:
+        try:
+            total = len(iterable)  # type: ignore[arg-type]
+        except TypeError:
+            total = None
+    n, t0 = 0, time.perf_counter()
+    with tqdm(total=total, desc=desc, unit=unit, mininterval=mininterval, leave=False, disable=not main) as bar:
+        for item in iterable:
+            k = 1 if count is None else int(count(item))
+            yield item
+            n += k
+            bar.update(k)
+    if main:
+        seconds = time.perf_counter() - t0
+        log.info("%s: %d %s in %.1f s (%.1f %s/s)", desc, n, unit, seconds, n / max(seconds, 1e-9), unit)

@@ -20,10 +20,12 @@ import numpy as np
 from PIL import Image
 
 from .config import get_dotted
-from .labels.schema import CHEXPERT_14
+from .labels.schema import CHEXPERT_14, DECISION_THRESHOLD, binarize
+from .metrics import registry
 
-NLG_COLUMNS = ("BLEU_1", "BLEU_2", "BLEU_3", "BLEU_4", "METEOR", "ROUGE_L", "CIDEr")
-CE_COLUMNS = ("precision", "recall", "f1")
+NLG_COLUMNS = registry.NLG_KEYS
+CE_COLUMNS = registry.CE_KEYS
+_NO_CI = frozenset(registry.NLG_KEYS) - frozenset(registry.NLG_CI_KEYS)  # METEOR: no paired difference
 
 
 def png_data_uri(pixels: np.ndarray, width: int | None = None) -> str:
@@ -38,9 +40,7 @@ def png_data_uri(pixels: np.ndarray, width: int | None = None) -> str:
 
 def positive_labels(row: np.ndarray, uncertain_as: str = "negative") -> set[str]:
     """Names of the CheXpert labels a ``(14,)`` row marks positive under the CE convention."""
-    row = np.asarray(row, dtype=float)
-    hit = (row == 1) | ((row == -1) if uncertain_as == "positive" else False)
-    return {CHEXPERT_14[j] for j in np.flatnonzero(hit)}
+    return {CHEXPERT_14[j] for j in np.flatnonzero(binarize(row, uncertain_as))}
 
 
 def sentence_findings(texts: list[str], labeler: Callable[[list[str]], np.ndarray],
@@ -69,7 +69,7 @@ class Sample:
     generated: list[tuple[str, set[str]]]
     reference_labels: set[str]  # study-level positives (CE convention)
     generated_labels: set[str]
-    predicted: list[tuple[str, float]] = field(default_factory=list)  # classifier: (label, probability) > 0.5
+    predicted: list[tuple[str, float]] = field(default_factory=list)  # classifier: (label, probability) > threshold
     overlays: list[tuple[str, np.ndarray]] = field(default_factory=list)  # (caption, RGB uint8)
 
 
@@ -100,8 +100,8 @@ def _fmt(v: Any) -> str:
 
 
 def _metric_keys(result: dict) -> list[tuple[str, str]]:
-    keys = [(k, k.replace("_", "-")) for k in NLG_COLUMNS if k in result["model"]]
-    return keys + [(f"ce.{k}", f"CE {k[0].upper()}" if k != "f1" else "CE F1") for k in CE_COLUMNS]
+    keys = [(k, registry.label(k)) for k in NLG_COLUMNS if k in result["model"]]
+    return keys + [(f"ce.{k}", registry.label(f"ce.{k}")) for k in CE_COLUMNS]
 
 
 def metric_table(result: dict, ci: dict | None) -> str:
@@ -125,7 +125,7 @@ def metric_table(result: dict, ci: dict | None) -> str:
 def paired_table(result: dict, paired: dict) -> str:
     if not paired:
         return ""
-    keys = [(k, lab) for k, lab in _metric_keys(result) if k != "METEOR"]
+    keys = [(k, lab) for k, lab in _metric_keys(result) if k not in _NO_CI]
     head = "".join(f"<th>{html.escape(lab)}</th>" for _, lab in keys)
     rows = []
     for name, diffs in paired.items():
@@ -196,10 +196,10 @@ def sample_html(s: Sample, image_width: int = 140) -> str:
             for v, img in enumerate(s.images)]
     figs += [f'<figure><img alt="{html.escape(cap)}" src="{png_data_uri(ov, image_width)}"><figcaption>{html.escape(cap)}</figcaption></figure>'
              for cap, ov in s.overlays]
-    pred = ", ".join(f"{html.escape(lab)} {p:.2f}" for lab, p in s.predicted) or "none above 0.5"
+    pred = ", ".join(f"{html.escape(lab)} {p:.2f}" for lab, p in s.predicted) or f"none above {DECISION_THRESHOLD:g}"
     return (f'<div class="study" id="study-{html.escape(s.study_id)}"><h3>{html.escape(s.study_id)}</h3>'
             f'<div class="imgs">{"".join(figs)}</div>'
-            f'<div class="meta">classifier (p &gt; 0.5): {pred}</div>{_chips(s.reference_labels, s.generated_labels)}'
+            f'<div class="meta">classifier (p &gt; {DECISION_THRESHOLD:g}): {pred}</div>{_chips(s.reference_labels, s.generated_labels)}'
             f'<div class="pair"><div><h4>reference</h4>{_marked(s.reference, missed, "missed", agreed)}</div>'
             f'<div><h4>generated</h4>{_marked(s.generated, extra, "extra", agreed)}</div></div></div>')
 

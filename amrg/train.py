@@ -47,8 +47,32 @@ class LoopConfig:
     max_grad_norm: float = 1.0
 
 
-class StopAfter(Exception):
-    """Raised by tests (via ``stop_after_steps``) to simulate a kill mid-epoch."""
+@dataclass(frozen=True)
+class Selection:
+    """Which epoch is kept: the one with the best ``metric`` of the validation history, ``mode``
+    ``min`` (a loss) or ``max`` (a score); ties keep the earlier epoch."""
+
+    metric: str
+    mode: str  # "min" | "max"
+
+    def __post_init__(self):
+        if self.mode not in ("min", "max"):
+            raise ValueError(f"Selection.mode must be 'min' or 'max', got {self.mode!r}")
+
+    @classmethod
+    def of(cls, metric: str) -> "Selection":
+        """The rule for a named metric: losses are minimised, everything else maximised."""
+        return cls(metric, "min" if metric.endswith("loss") else "max")
+
+    def better(self, score: float, best: float | None) -> bool:
+        return best is None or (score < best if self.mode == "min" else score > best)
+
+
+@dataclass
+class FitResult:
+    best_state: dict[str, torch.Tensor]  # trainable weights of the kept epoch
+    history: list[dict]  # one row per epoch: epoch, train_loss, validation metrics
+    best: dict  # the history row of the kept epoch
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
@@ -66,9 +90,9 @@ def shard(batch: torch.Tensor, ctx: dist.Context) -> tuple[torch.Tensor, bool]:
 def fit(model: torch.nn.Module, n_train: int,
         batch_loss: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor | tuple[torch.Tensor, int]],
         validate: Callable[[], dict[str, float]], cfg: LoopConfig, checkpoint: Path, fingerprint: str,
-        select: str = "val_loss", mode: str = "min", stop_after_steps: int | None = None,
-        ) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    """Train ``model``'s trainable parameters; return (best trainable state, per-epoch history).
+        selection: Selection = Selection("val_loss", "min")) -> FitResult:
+    """Train ``model``'s trainable parameters; return the kept epoch's weights, the per-epoch history
+    and the kept epoch's history row (``selection``).
 
     ``batch_loss(module, indices)`` computes the loss through ``module`` (the DDP wrapper when
     launched, else ``model``) for the training rows ``indices``.
@@ -84,7 +108,7 @@ def fit(model: torch.nn.Module, n_train: int,
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     per_epoch = math.ceil(math.ceil(n_train / cfg.batch_size) / cfg.grad_accum)
     sched = get_cosine_schedule_with_warmup(opt, cfg.warmup_steps, per_epoch * cfg.epochs)
-    state = {"epoch": 0, "batch": 0, "step": 0, "best": None, "best_score": None, "history": []}
+    state = {"epoch": 0, "batch": 0, "step": 0, "best": None, "best_score": None, "best_epoch": None, "history": []}
 
     def snapshot() -> dict[str, torch.Tensor]:
         return {n: p.detach().clone() for n, p in zip(names, params)}
@@ -107,13 +131,12 @@ def fit(model: torch.nn.Module, n_train: int,
         save_checkpoint(checkpoint, {"fingerprint": fingerprint, "model": trainable, "optimizer": opt.state_dict(),
                                      "scheduler": sched.state_dict(), "rng": torch.get_rng_state(), "loop": state})
 
-    steps_this_run = 0
     while state["epoch"] < cfg.epochs:
         batches = epoch_batches(n_train, cfg.batch_size, cfg.seed, state["epoch"])
         model.train()
         running = torch.zeros(2, dtype=torch.float64)  # Σ loss·items, Σ items (this rank)
         bar = tqdm(range(state["batch"], len(batches)), desc=f"epoch {state['epoch'] + 1}/{cfg.epochs}",
-                   leave=False, mininterval=5)
+                   leave=False, mininterval=5, disable=not ctx.is_main)
         for b in bar:
             boundary = (b + 1) % cfg.grad_accum == 0 or b + 1 == len(batches)
             local, real = shard(batches[b], ctx)
@@ -134,24 +157,19 @@ def fit(model: torch.nn.Module, n_train: int,
                 sched.step()
                 opt.zero_grad(set_to_none=True)
                 state["step"] += 1
-                steps_this_run += 1
                 if state["step"] % cfg.checkpoint_every == 0 and b + 1 < len(batches):
                     save()
-                if stop_after_steps is not None and steps_this_run >= stop_after_steps:
-                    save()
-                    raise StopAfter(f"stopped after {steps_this_run} steps")
         running = dist.all_reduce_sum(running)
         metrics = {"epoch": state["epoch"] + 1, "train_loss": float(running[0] / max(running[1], 1)), **validate()}
         log.info("epoch %d: %s", state["epoch"] + 1, {k: round(v, 4) for k, v in metrics.items() if "/" not in k})
         state["history"].append(metrics)
-        score = metrics[select]
-        better = state["best_score"] is None or (score < state["best_score"] if mode == "min" else score > state["best_score"])
-        if better:
-            state["best"], state["best_score"] = snapshot(), score
+        if selection.better(metrics[selection.metric], state["best_score"]):
+            state["best"], state["best_score"], state["best_epoch"] = snapshot(), metrics[selection.metric], metrics["epoch"]
         state["epoch"], state["batch"] = state["epoch"] + 1, 0
         save()
     best = copy.deepcopy(state["best"])
     dist.barrier()
     if ctx.is_main:
         checkpoint.unlink(missing_ok=True)
-    return best, state["history"]
+    kept = next(h for h in state["history"] if h["epoch"] == state["best_epoch"])
+    return FitResult(best, state["history"], kept)

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import yaml
 
-from amrg.config import tiny_params
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from tests._workspace import make_workspace  # noqa: E402  (the one workspace helper, shared with the tests)
 DVC = [sys.executable, "-m", "dvc"]
 
 def env(tmp: Path, **extra) -> dict:
@@ -46,18 +46,8 @@ def run(args, cwd, e, log=None, check=True, timeout=3600) -> tuple[float, str]:
 def make_origin(tmp: Path, tiny: bool, e: dict) -> Path:
     """A git repo of this working tree (no outputs, no dvc.lock), on the smoke overlay
     ``configs/tiny.yaml`` when ``tiny``."""
-    origin = tmp / "origin"
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
-                           text=True, check=True).stdout.split()
-    for f in files:
-        if (ROOT / f).is_file() and not f.startswith(("artifacts/", "checkpoints/")):
-            (origin / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / f, origin / f)
-    (origin / "dvc.lock").unlink(missing_ok=True)
-    if tiny:
-        params = tiny_params(origin / "params.yaml")
-        (origin / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for args in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "bench origin"]):
+    origin = make_workspace(tmp / "origin", tiny=tiny)
+    for args in (["git", "add", "-A"], ["git", "commit", "-qm", "bench origin"]):
         run(args, origin, e)
     return origin
 

@@ -165,7 +165,7 @@ def throughput(a, device: torch.device) -> None:
 
 def localisation(a, device: torch.device, art: Path) -> None:
     from amrg.data.phantoms import draw_phantom, phantom_regions
-    from amrg.data.store import load_images, load_studies
+    from amrg.data.store import load_images, load_studies, pack_masks, unpack_masks
     from amrg.io import read_json
     from amrg.models.load import load_classifier
 
@@ -219,7 +219,7 @@ def localisation(a, device: torch.device, art: Path) -> None:
             view = int(images.views[r]) % 2
             prior_sum[view] += cam
             prior_n[view] += 1
-            kept.append((j, view, np.packbits(region)))
+            kept.append((j, view, pack_masks(region[None])[0]))
             per.setdefault(j, []).append((h["area"], h["lift"], h["hit"], pointing_game(cam, region),
                                           pointing_game(cam, region, a.tolerance)))
     miner.close()
@@ -228,7 +228,7 @@ def localisation(a, device: torch.device, art: Path) -> None:
     prior = prior_sum / np.maximum(prior_n, 1)[:, None, None]
     prior_lift: dict[int, list] = {}
     for j, view, packed in kept:
-        region = np.unpackbits(packed)[: size * size].reshape(size, size).astype(bool)
+        region = unpack_masks(packed[None], size)[0]
         prior_lift.setdefault(j, []).append(cam_hit(prior[view], region)["lift"])
     secs = time.perf_counter() - t0
     print(f"\nlocalisation: {art} test split, {len(test)} images, classifier {cls}, cam.method={a.method}, "

@@ -1,29 +1,32 @@
-"""DVC side of the Prefect flow, kept free of Prefect imports so it can be tested on its own.
+"""DVC side of the Prefect flows, kept free of Prefect imports so it can be tested on its own.
 
-* ``stage_graph`` / ``stage_order`` read ``dvc.yaml`` (the only DAG) and order its stages.
+* ``stage_graph`` / ``stage_order`` / ``read_metrics``: DVC's own view of the pipeline
+  (``dvc.repo.Repo(...).index``): its stage graph, in topological order, and the metrics DVC lists.
 * ``run_dvc`` is the one helper through which every DVC CLI call goes (one writer per workspace).
 * ``classify_failure`` / ``is_transient_failure`` decide which failures are worth a retry.
 * ``workspace_lock`` lets one pipeline run at a time own a workspace (a second one waits or fails).
-* ``apply_params_overlay`` merges a params overlay into params.yaml (validated before any compute).
+* ``overlay_leaves`` / ``validate_overlay``: a params overlay as ``-S key=value`` leaves, checked with
+  :func:`amrg.config.parse_params` against params.yaml before anything runs. Nothing here writes
+  params.yaml: an overlay runs as a temporary DVC experiment (``dvc exp run --temp -S ...``).
 * ``default_remote`` tells whether ``dvc pull``/``dvc push`` have somewhere to go.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import errno
 import fcntl
-import heapq
+import functools
 import json
 import os
-import posixpath
 import re
 import subprocess
 import sys
 import threading
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -38,111 +41,89 @@ TRANSIENT_PATTERNS = re.compile(
     re.IGNORECASE,
 )
 _EXITED_WITH = re.compile(r"exited with (-?\d+)")
+_FAILED_STAGE = re.compile(r"failed to reproduce '([^']+)'")
+# what DVC prints per stage (dvc repro and dvc exp run alike)
+_OUTCOMES = ((re.compile(r"^Running stage '([^']+)'"), "ran"),
+             (re.compile(r"^Stage '([^']+)' is cached - skipping run"), "restored"),
+             (re.compile(r"^Stage '([^']+)' didn't change, skipping"), "unchanged"))
 
 
-@dataclass(frozen=True)
-class StageSpec:
-    name: str
-    deps: tuple[str, ...]  # paths normalised relative to dvc.yaml's directory
-    outs: tuple[str, ...]  # outs + stage-level metrics + plots
-    metrics: tuple[str, ...]
+class DvcPipelineError(ValueError):
+    """DVC cannot load the pipeline: a dependency cycle, a bad template, an unknown stage, ..."""
 
 
-def _entry_paths(entries: Any, stage: str, field: str) -> list[str]:
-    """`deps:`/`outs:` entries are strings or one-key dicts ``{path: {cache: false, ...}}``."""
-    paths = [str(k) for e in entries or [] for k in (e if isinstance(e, dict) else [e])]
-    if templated := [p for p in paths if "${" in p]:
-        raise NotImplementedError(f"stage {stage!r}: templated {field} paths {templated} are not supported")
-    return paths
+@contextlib.contextmanager
+def dvc_repo(repo: str | os.PathLike) -> Iterator[Any]:
+    """DVC's own view of ``repo`` (``dvc.repo.Repo``); DVC's load errors become DvcPipelineError."""
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+
+    try:
+        with Repo(str(repo)) as r:
+            yield r
+    except DvcException as e:
+        raise DvcPipelineError(f"{Path(repo) / 'dvc.yaml'}: {e}") from e
 
 
-def _norm(wdir: str, path: str) -> str:
-    return posixpath.normpath(posixpath.join(wdir, path.replace(os.sep, "/")))
+def stage_address(r: Any, stage: Any) -> str:
+    """What ``dvc repro`` takes from the repository root: ``name`` (root dvc.yaml) or ``sub/dvc.yaml:name``."""
+    rel = Path(os.path.relpath(stage.dvcfile.path, r.root_dir)).as_posix()
+    return stage.name if rel == "dvc.yaml" else f"{rel}:{stage.name}"
 
 
-def load_dvc_yaml(dvc_yaml_path: str | os.PathLike) -> dict[str, Any]:
-    return yaml.safe_load(Path(dvc_yaml_path).read_text(encoding="utf-8")) or {}
+def pipeline_stages(r: Any) -> tuple[list[Any], dict[str, list[str]]]:
+    """(stages with a command, in DVC's topological order, ties in dvc.yaml order; stage -> upstream)."""
+    import networkx as nx
+
+    stages = [s for s in r.index.stages if getattr(s, "cmd", None)]  # .dvc data files have no command
+    pos = {s: i for i, s in enumerate(stages)}
+    full = r.index.graph  # edges point downstream -> upstream; raises CyclicGraphError on a cycle
+    graph = full.subgraph(stages).reverse(copy=True)  # upstream -> downstream
+    order = list(nx.lexicographical_topological_sort(graph, key=pos.__getitem__))
+    ups = {stage_address(r, s): [stage_address(r, u) for u in sorted(full.successors(s), key=lambda u: pos.get(u, -1))
+                            if u in pos] for s in stages}
+    return order, ups
 
 
-def load_stages(dvc_yaml_path: str | os.PathLike) -> dict[str, StageSpec]:
-    """Stages of a dvc.yaml in file order. foreach/matrix stages raise NotImplementedError."""
-    stages: dict[str, StageSpec] = {}
-    for name, body in (load_dvc_yaml(dvc_yaml_path).get("stages") or {}).items():
-        body = body or {}
-        if "foreach" in body or "matrix" in body:
-            raise NotImplementedError(
-                f"stage {name!r} uses foreach/matrix; the Prefect flow only handles plain stages"
-            )
-        wdir = str(body.get("wdir", "."))
-        field = {f: [_norm(wdir, p) for p in _entry_paths(body.get(f), name, f)]
-                 for f in ("deps", "outs", "metrics", "plots")}
-        stages[name] = StageSpec(name, tuple(field["deps"]),
-                                 tuple(field["outs"] + field["metrics"] + field["plots"]),
-                                 tuple(field["metrics"]))
-    return stages
+def stage_graph(repo: str | os.PathLike) -> dict[str, list[str]]:
+    """stage -> its upstream stages, as DVC builds them (``dvc.repo.Repo(repo).index.graph``): dvc.yaml
+    order, templated (``${...}``) and foreach/matrix stages resolved by DVC. Stage names are DVC's
+    addresses (``name``, ``name@item``, ``sub/dvc.yaml:name``), as ``dvc repro`` takes them."""
+    with dvc_repo(repo) as r:
+        return pipeline_stages(r)[1]
 
 
-def _overlaps(a: str, b: str) -> bool:
-    """True when paths a and b are equal or one lies under the other (DVC's out/dep overlap rule)."""
-    return a == b or a == "." or b == "." or a.startswith(b + "/") or b.startswith(a + "/")
+def stage_order(repo: str | os.PathLike) -> list[str]:
+    """DVC's stages in topological order, ties in dvc.yaml order. A cycle raises DvcPipelineError."""
+    with dvc_repo(repo) as r:
+        return [stage_address(r, s) for s in pipeline_stages(r)[0]]
 
 
-def stage_graph(dvc_yaml_path: str | os.PathLike) -> dict[str, list[str]]:
-    """stage -> upstream stages (dvc.yaml order): B needs A when a dep of B is, lies under,
-    or contains an out of A. A stage whose deps overlap its own outs is a cycle (ValueError)."""
-    stages = load_stages(dvc_yaml_path)
-    graph: dict[str, list[str]] = {}
-    for b in stages.values():
-        ups = [a.name for a in stages.values()
-               if any(_overlaps(d, o) for d in b.deps for o in a.outs)]
-        if b.name in ups:
-            raise ValueError(f"dependency cycle in dvc.yaml: {b.name} -> {b.name}")
-        graph[b.name] = ups
-    return graph
-
-
-def stage_order(dvc_yaml_path: str | os.PathLike) -> list[str]:
-    """Topological order of dvc.yaml's stages; ties keep dvc.yaml order. Cycles raise ValueError."""
-    graph = stage_graph(dvc_yaml_path)
-    index = {name: i for i, name in enumerate(graph)}
-    downstream: dict[str, list[str]] = {name: [] for name in graph}
-    indegree = {name: len(ups) for name, ups in graph.items()}
-    for name, ups in graph.items():
-        for up in ups:
-            downstream[up].append(name)
-    ready = [index[n] for n, d in indegree.items() if d == 0]
-    heapq.heapify(ready)
-    order: list[str] = []
-    names = list(graph)
-    while ready:
-        name = names[heapq.heappop(ready)]
-        order.append(name)
-        for down in downstream[name]:
-            indegree[down] -= 1
-            if indegree[down] == 0:
-                heapq.heappush(ready, index[down])
-    if len(order) < len(graph):
-        stuck = [n for n in graph if n not in order]
-        raise ValueError(f"dependency cycle in dvc.yaml among stages: {', '.join(stuck)}"
-                         f" ({_find_cycle(graph, stuck)})")
-    return order
-
-
-def _find_cycle(graph: dict[str, list[str]], stuck: list[str]) -> str:
-    """Walk upstream edges inside the stuck set until a stage repeats: 'a -> b -> a'."""
-    path, node = [], stuck[0]
-    while node not in path:
-        path.append(node)
-        node = next(u for u in graph[node] if u in stuck)
-    cycle = path[path.index(node):][::-1]  # reverse: print in data-flow direction
-    return " -> ".join(cycle + [cycle[0]])
+def read_metrics(repo: str | os.PathLike, stage: str, rev: str | None = None) -> dict[str, Any]:
+    """``{path: data}`` of the metrics files of ``stage`` as DVC reads them (``Repo.metrics.show``) in
+    the workspace or, with ``rev``, in a commit or experiment: the stage's own ``metrics:``, else the
+    top-level ``metrics:`` lying under its outs, else (when ``stage`` is the pipeline's last stage)
+    every metrics file. Files that do not exist (yet) are left out."""
+    with dvc_repo(repo) as r:
+        order, _ = pipeline_stages(r)
+        stage_obj = next((s for s in order if stage_address(r, s) == stage), None)
+        if stage_obj is None:
+            raise DvcPipelineError(f"unknown stage {stage!r}; stages: {', '.join(stage_address(r, s) for s in order)}")
+        outs = [Path(os.path.relpath(o.fs_path, r.root_dir)).as_posix() for o in stage_obj.outs]
+        shown = r.metrics.show(revs=[rev] if rev else None, hide_workspace=False)
+        found = (shown.get(rev) if rev else next(iter(shown.values()), None)) or {}
+        files = {Path(p).as_posix(): f.get("data") for p, f in (found.get("data") or {}).items()}
+        own = {p: d for p, d in files.items() if any(p == o or p.startswith(o + "/") for o in outs)}
+        if not own and order and order[-1] is stage_obj:
+            own = files
+        return {p: d for p, d in own.items() if d is not None}
 
 
 class DvcStageError(RuntimeError):
     """`dvc repro` of one stage failed deterministically (e.g. the stage raised)."""
 
     def __init__(self, stage: str, returncode: int, tail: str):
-        super().__init__(f"stage {stage!r}: dvc repro exited with {returncode}\n{tail}")
+        super().__init__(f"stage {stage!r}: dvc exited with {returncode}\n{tail}")
         self.stage, self.returncode, self.tail = stage, returncode, tail
 
     def __reduce__(self):  # picklable despite the custom __init__ (Prefect may serialise it)
@@ -161,6 +142,7 @@ class DvcResult:
     errors: list[str]  # every "ERROR..." line DVC printed
     skipped: bool  # DVC said the stage didn't change
     restored: bool = False  # DVC restored the stage's outputs from the run-cache instead of running it
+    outcomes: dict[str, str] = field(default_factory=dict)  # stage -> ran | restored | unchanged
 
 
 _GUARD = threading.Lock()
@@ -178,7 +160,7 @@ def run_dvc(args: list[str], cwd: str | os.PathLike, log: Callable[[str], Any] =
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     tail: deque[str] = deque(maxlen=tail_lines)
     errors: list[str] = []
-    skipped = restored = False
+    outcomes: dict[str, str] = {}
     with lock:
         log(f"$ dvc {' '.join(args)}  (cwd={key})")
         with subprocess.Popen(cmd, cwd=key, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -192,10 +174,18 @@ def run_dvc(args: list[str], cwd: str | os.PathLike, log: Callable[[str], Any] =
                 tail.append(line)
                 if line.lstrip().startswith("ERROR"):
                     errors.append(line)
-                skipped = skipped or "didn't change, skipping" in line
-                restored = restored or "is cached - skipping run" in line
+                for pattern, outcome in _OUTCOMES:
+                    if m := pattern.match(line.strip()):
+                        outcomes[m.group(1)] = outcome
             returncode = proc.wait()
-    return DvcResult(cmd[3:], returncode, list(tail), errors, skipped, restored)
+    values = set(outcomes.values())
+    return DvcResult(cmd[3:], returncode, list(tail), errors, "unchanged" in values, "restored" in values,
+                     outcomes)
+
+
+def failed_stage(result: DvcResult) -> str | None:
+    """The stage DVC names in ``ERROR: failed to reproduce '<stage>'``, if any."""
+    return next((m.group(1) for e in result.errors if (m := _FAILED_STAGE.search(e))), None)
 
 
 def classify_failure(stage: str, result: DvcResult) -> DvcStageError:
@@ -228,8 +218,8 @@ def workspace_lock(repo: str | os.PathLike, wait: bool = False, owner: str = "",
                    log: Callable[[str], Any] = print) -> Iterator[Path]:
     """Hold an exclusive ``flock`` on ``<repo>/.dvc/tmp/amrg-pipeline.lock`` for a whole pipeline run.
 
-    DVC's own locks cover one ``dvc`` command; a flow runs one command per stage (and may rewrite
-    params.yaml first), so two flows in one workspace could otherwise interleave stage by stage.
+    DVC's own locks cover one ``dvc`` command; a flow runs one command per stage, so two flows in one
+    workspace could otherwise interleave stage by stage.
     ``wait=False``: a second run fails at once with :class:`WorkspaceBusy` naming the holder;
     ``wait=True``: it blocks until the first one ends. The kernel drops the lock when its holder dies
     (``kill -9`` included), so a crashed run never leaves the workspace locked."""
@@ -259,17 +249,7 @@ def workspace_lock(repo: str | os.PathLike, wait: bool = False, owner: str = "",
         os.close(fd)  # closing the descriptor releases the flock
 
 
-# -- params overlay --------------------------------------------------------------------------------
-
-def _overlay_items(overlay: dict[str, Any], prefix: str = "") -> Iterator[tuple[list[str], Any]]:
-    """Nested and dotted keys alike -> (path, value) leaves; dict values under dotted keys recurse."""
-    for key, value in overlay.items():
-        path = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(value, dict) and value:
-            yield from _overlay_items(value, path)
-        else:
-            yield path.split("."), value
-
+# -- params overlay: validated here, applied by DVC (`dvc exp run --temp -S ...`) ----------------------
 
 def load_overlay(overlay: dict[str, Any] | str | os.PathLike | None, repo: Path) -> dict[str, Any]:
     """An overlay is a mapping (``{"hopfield.beta": 8}`` or nested) or a YAML file (relative to the repo)."""
@@ -278,7 +258,7 @@ def load_overlay(overlay: dict[str, Any] | str | os.PathLike | None, repo: Path)
     if isinstance(overlay, dict):
         return overlay
     path = Path(overlay)
-    path = path if path.is_absolute() else repo / path
+    path = path if path.is_absolute() else Path(repo) / path
     if not path.is_file():
         raise FileNotFoundError(f"params overlay {overlay!r} not found (looked at {path})")
     data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
@@ -287,51 +267,76 @@ def load_overlay(overlay: dict[str, Any] | str | os.PathLike | None, repo: Path)
     return data
 
 
-def apply_params_overlay(repo: str | os.PathLike, overlay: dict[str, Any] | str | os.PathLike | None,
-                         params_file: str = "params.yaml") -> dict[str, Any]:
-    """Merge ``overlay`` into ``<repo>/<params_file>`` like ``dvc exp run -S key=value`` would.
+def overlay_leaves(overlay: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested and dotted keys alike -> ``{"a.b": value}`` leaves, the form ``dvc exp run -S`` takes."""
+    out: dict[str, Any] = {}
+    for key, value in overlay.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        out.update(overlay_leaves(value, path) if isinstance(value, dict) and value else {path: value})
+    return out
 
-    The merged file is validated with :func:`amrg.config.parse_params` *before* it is written, so a
-    wrong key, type or range fails here, naming every bad key, and leaves params.yaml untouched.
-    Comments and key order survive (ruamel round trip); the write is atomic. Returns the changed
-    leaves ``{"a.b": new}`` (empty when nothing changed: the file is then not rewritten)."""
-    from ruamel.yaml import YAML
 
-    from amrg.config import ParamsError, parse_params
-    from amrg.io import write_text
+def _has_key(params: dict[str, Any], key: str) -> bool:
+    parent, _, last = key.rpartition(".")
+    from amrg.config import get_dotted
 
-    repo = Path(repo)
-    items = list(_overlay_items(load_overlay(overlay, repo)))
-    if not items:
+    node = get_dotted(params, parent) if parent else params
+    return isinstance(node, dict) and last in node
+
+
+def validate_overlay(params: dict[str, Any], leaves: dict[str, Any], source: str = "params.yaml") -> dict[str, Any]:
+    """Check ``params`` (params.yaml as loaded) with ``leaves`` (``{"a.b": v}``) set, as the stages will
+    read it, with :func:`amrg.config.parse_params`; every key must already be in ``params`` (``-S`` only
+    overrides). Raises :class:`amrg.config.ParamsError` naming every bad key; returns the leaves that
+    change a value (``{}``: the overlay changes nothing)."""
+    from amrg.config import ParamsError, get_dotted, merge_overlay, parse_params
+
+    merged = copy.deepcopy(params)
+    for key, value in leaves.items():
+        merge_overlay(merged, functools.reduce(lambda v, k: {k: v}, reversed(key.split(".")), value))
+    parse_params(merged)  # wrong type, range or unknown key: ParamsError naming every bad key
+    if missing := [k for k in leaves if not _has_key(params, k)]:
+        raise ParamsError(f"params overlay: {', '.join(missing)} not in {source} (an overlay only overrides keys)")
+    return {k: v for k, v in leaves.items() if get_dotted(params, k) != v or type(get_dotted(params, k)) is not type(v)}
+
+
+def params_overlay(repo: str | os.PathLike, overlay: dict[str, Any] | str | os.PathLike | None,
+                   params_file: str = "params.yaml") -> dict[str, Any]:
+    """The changed ``{"a.b": value}`` leaves of ``overlay`` (a mapping or a YAML file in ``repo``),
+    validated against ``<repo>/<params_file>`` (:func:`validate_overlay`). Writes nothing."""
+    leaves = overlay_leaves(load_overlay(overlay, Path(repo)))
+    if not leaves:
         return {}
-    path = repo / params_file
-    rt = YAML()  # round trip: keeps comments, key order and quoting
-    rt.default_flow_style, rt.preserve_quotes, rt.width = None, True, 4096
-    rt.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
-    doc = rt.load(path.read_text(encoding="utf-8")) or {}
-    changed: dict[str, Any] = {}
-    for keys, value in items:
-        node = doc
-        for i, k in enumerate(keys[:-1]):
-            if k not in node or node[k] is None:
-                node[k] = {}
-            node = node[k]
-            if not isinstance(node, dict):
-                raise ParamsError(f"params overlay: {'.'.join(keys[:i + 1])} is not a section (cannot set "
-                                  f"{'.'.join(keys)})")
-        if node.get(keys[-1], object()) != value:
-            node[keys[-1]] = value
-            changed[".".join(keys)] = value
-    import io
+    path = Path(repo) / params_file
+    params = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    return validate_overlay(params, leaves, params_file)
 
-    buf = io.StringIO()
-    rt.dump(doc, buf)
-    text = buf.getvalue()
-    # validate the merged text as the stages will read it (PyYAML) through the checks every stage runs
-    parse_params(yaml.safe_load(text) or {})
-    if changed:
-        write_text(path, text)  # atomic: temp file, fsync, rename
-    return changed
+
+def set_args(leaves: dict[str, Any]) -> list[str]:
+    """``{"hopfield.beta": 2.0, "hopfield.visual": False}`` -> ``-S hopfield.beta=2.0 -S hopfield.visual=false``."""
+    out = []
+    for k, v in leaves.items():
+        out += ["-S", f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"]
+    return out
+
+
+# -- experiments -------------------------------------------------------------------------------------
+
+def experiment_names(cwd: str | os.PathLike) -> set[str]:
+    """Names of the experiments of the current baseline commit (``dvc exp list --names-only``)."""
+    result = run_dvc(["exp", "list", "--names-only"], cwd=cwd, log=lambda _: None)
+    return set(result.lines) if result.returncode == 0 else set()
+
+
+def remove_experiments(cwd: str | os.PathLike, names: list[str], log: Callable[[str], Any] = print) -> list[str]:
+    """``dvc exp remove`` those of ``names`` that exist, so that a rerun can take the same names without
+    ``--force`` (which would also force every stage to rerun instead of coming from the run-cache)."""
+    existing = [n for n in names if n in experiment_names(cwd)]
+    if existing:
+        result = run_dvc(["exp", "remove", *existing], cwd=cwd, log=log)
+        if result.returncode != 0:
+            raise classify_failure(f"exp remove {' '.join(existing)}", result)
+    return existing
 
 
 # -- remote ----------------------------------------------------------------------------------------

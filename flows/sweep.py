@@ -3,8 +3,10 @@
     python -m flows.sweep --grid sweeps/paper_tables.yaml [--repo .] [--jobs 1] [--tables table_iv,table_vii]
                           [--out DIR] [--dry-run]
 
-Each grid point is queued as ``dvc exp run --queue --force --name <grid>-<table>-<NN> -S key=value ...``
-(isolated temp workspaces; unchanged upstream stages come from the DVC cache), the queue is run with
+Each grid point is queued as ``dvc exp run --queue --name <grid>-<table>-<NN> -S key=value ...``
+(isolated temp workspaces; unchanged upstream stages come from the DVC run-cache; experiments of an
+earlier sweep with the same names are removed first, not overwritten with ``--force``, which would
+rerun every stage), the queue is run with
 ``dvc queue start -j N`` and watched until every experiment of the sweep has finished, and
 ``dvc exp show --json`` is turned into one comparison table: ``comparison.md`` (one table per paper
 table), ``comparison.csv`` (one row per experiment) and a Prefect table artifact ``sweep-<grid>``.
@@ -13,7 +15,8 @@ Grid file (YAML)::
 
     name: paper                      # experiment names and the output folder
     jobs: 1                          # queue workers (parallel experiments)
-    metrics:                         # column -> [metrics file:]dotted key (default: the evaluate headline)
+    metrics:                         # column -> [metrics file:]dotted key (default: the registry's
+                                     # headline, amrg.metrics.registry.HEADLINE, of the model)
       BLEU-4: model.BLEU_4
     tables:
       table_vii:
@@ -22,7 +25,10 @@ Grid file (YAML)::
         points: [{hopfield.visual: false}]          # ... and/or explicit points
         set: {decode.num_beams: 1}                  # overrides shared by every point of the table
 
-Every key is checked against the repository's params.yaml before anything is queued.
+Before anything is queued, every grid point is validated as the pipeline validates an overlay: its
+keys must be in the repository's params.yaml, and params.yaml with the point applied must pass
+:func:`amrg.config.parse_params` (types, ranges, unknown keys). ``comparison.md``/``.csv`` are written
+atomically.
 """
 
 from __future__ import annotations
@@ -49,17 +55,22 @@ from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
-from amrg.config import get_dotted  # noqa: E402
-from flows.dvc_tasks import run_dvc  # noqa: E402
+from amrg.config import ParamsError, get_dotted  # noqa: E402
+from amrg.io import write_text  # noqa: E402
+from amrg.metrics import registry  # noqa: E402
+from flows.dvc_tasks import remove_experiments, run_dvc, set_args, validate_overlay  # noqa: E402
 
 EVAL_METRICS = "artifacts/eval/metrics.json"
-HEADLINE = {"BLEU-1": "model.BLEU_1", "BLEU-4": "model.BLEU_4", "METEOR": "model.METEOR", "ROUGE-L": "model.ROUGE_L",
-            "CIDEr": "model.CIDEr", "CE P": "model.ce.precision", "CE R": "model.ce.recall", "CE F1": "model.ce.f1"}
+HEADLINE = {registry.label(k): f"model.{k}" for k in registry.HEADLINE}  # column -> dotted key
 DONE = {"Success", "Failed"}
 
 
 class SweepError(RuntimeError):
     pass
+
+
+class SweepConfigError(SweepError):
+    """The grid or one of its points is invalid; nothing was queued."""
 
 
 @dataclass
@@ -77,10 +88,13 @@ class Grid:
 
 
 def load_grid(path: str | Path, only: list[str] | None = None) -> Grid:
-    raw = yaml.safe_load(Path(path).read_text()) or {}
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise SweepConfigError(f"grid {path}: {exc}") from exc
     name = str(raw.get("name") or Path(path).stem)
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name):
-        raise SweepError(f"grid name {name!r}: letters, digits, '-' and '_' only (it names git refs)")
+        raise SweepConfigError(f"grid name {name!r}: letters, digits, '-' and '_' only (it names git refs)")
     tables, titles = {}, {}
     for table, spec in (raw.get("tables") or {}).items():
         if only and table not in only:
@@ -88,7 +102,7 @@ def load_grid(path: str | Path, only: list[str] | None = None) -> Grid:
         spec = spec or {}
         unknown = set(spec) - {"title", "grid", "points", "set"}
         if unknown:
-            raise SweepError(f"table {table}: unknown fields {sorted(unknown)} (allowed: title, grid, points, set)")
+            raise SweepConfigError(f"table {table}: unknown fields {sorted(unknown)} (allowed: title, grid, points, set)")
         shared = spec.get("set") or {}
         grid = spec.get("grid") or {}
         points = [dict(p) for p in spec.get("points") or []]
@@ -96,38 +110,32 @@ def load_grid(path: str | Path, only: list[str] | None = None) -> Grid:
             keys = list(grid)
             points += [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
         if not points:
-            raise SweepError(f"table {table}: no points (give `grid:` lists and/or `points:`)")
+            raise SweepConfigError(f"table {table}: no points (give `grid:` lists and/or `points:`)")
         tables[table] = [{**shared, **p} for p in points]
         titles[table] = str(spec.get("title", table))
     if only and (missing := sorted(set(only) - set(tables))):
-        raise SweepError(f"unknown table(s) {missing}; the grid has {sorted((raw.get('tables') or {}))}")
+        raise SweepConfigError(f"unknown table(s) {missing}; the grid has {sorted((raw.get('tables') or {}))}")
     if not tables:
-        raise SweepError(f"{path}: no tables")
+        raise SweepConfigError(f"{path}: no tables")
     return Grid(name, tables, titles, dict(raw.get("metrics") or HEADLINE), int(raw.get("jobs", 1)))
 
 
-def check_keys(grid: Grid, params_yaml: Path) -> None:
-    """Every swept key must exist in params.yaml: ``-S`` would otherwise add a new key silently."""
-    params = yaml.safe_load(params_yaml.read_text()) or {}
-    bad = set()
-    for _, _, point in grid.experiments():
-        for key in point:
-            node = params
-            for part in key.split("."):
-                if not isinstance(node, dict) or part not in node:
-                    bad.add(key)
-                    break
-                node = node[part]
+def validate_points(grid: Grid, params_yaml: Path) -> None:
+    """Every point must be a valid overlay of params.yaml (:func:`flows.dvc_tasks.validate_overlay`, the
+    pipeline's check): keys already in params.yaml (``-S`` only overrides) and the merged params valid
+    for :func:`amrg.config.parse_params`, so ``hopfield.beta: -1`` fails here, not in a queue worker."""
+    try:
+        params = yaml.safe_load(params_yaml.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise SweepConfigError(f"{params_yaml}: {exc}") from exc
+    bad = []
+    for name, _, point in grid.experiments():
+        try:
+            validate_overlay(params, point, str(params_yaml))
+        except ParamsError as exc:
+            bad.append(f"{name} {point}: {exc}")
     if bad:
-        raise SweepError(f"keys not in {params_yaml}: {', '.join(sorted(bad))}")
-
-
-def set_args(point: dict[str, Any]) -> list[str]:
-    """``{"hopfield.beta": 2.0, "hopfield.visual": False}`` -> ``-S hopfield.beta=2.0 -S hopfield.visual=false``."""
-    out = []
-    for k, v in point.items():
-        out += ["-S", f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"]
-    return out
+        raise SweepConfigError("invalid grid point(s):\n" + "\n".join(bad))
 
 
 def parse_queue_status(text: str) -> tuple[dict[str, str], tuple[int, int]]:
@@ -260,8 +268,11 @@ def queue_experiments(repo: str, experiments: list[tuple[str, str, dict]]) -> li
         if not idle:
             break
         time.sleep(2)
+    removed = remove_experiments(root, [name for name, _, _ in experiments], log=logger.info)
+    if removed:
+        logger.info("removed %d experiment(s) of an earlier sweep with the same names", len(removed))
     for name, table, point in experiments:
-        _dvc(root, ["exp", "run", "--queue", "--force", "--name", name, *set_args(point)], log=logger.info)
+        _dvc(root, ["exp", "run", "--queue", "--name", name, *set_args(point)], log=logger.info)
     return [name for name, _, _ in experiments]
 
 
@@ -302,8 +313,8 @@ def comparison(repo: str, grid: Grid, out_dir: str, states: dict[str, str]) -> l
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     md = to_markdown(rows, grid)
-    (out / "comparison.md").write_text(md)
-    (out / "comparison.csv").write_text(to_csv(rows))
+    write_text(out / "comparison.md", md)  # atomic: temp file, fsync, rename
+    write_text(out / "comparison.csv", to_csv(rows))
     key = re.sub(r"[^a-z0-9-]", "-", f"sweep-{grid.name}".lower())
     create_table_artifact(key=key, table=[{k: v for k, v in r.items()} for r in rows],
                           description=f"Sweep `{grid.name}`: {len(rows)} rows; also {out / 'comparison.md'}")
@@ -319,14 +330,14 @@ def sweep_flow(grid: str, repo: str = ".", jobs: int | None = None, tables: list
     """Queue every point of ``grid`` as a DVC experiment, run the queue, write the comparison table."""
     logger = get_run_logger()
     root = Path(repo).resolve()
-    g = load_grid(grid, tables)
-    check_keys(g, root / "params.yaml")
+    g = load_grid(grid, tables)  # the one validation: SweepConfigError before anything is queued
+    validate_points(g, root / "params.yaml")
     experiments = g.experiments()
     out_dir = out or str(root / "artifacts" / "sweeps" / g.name)
     logger.info("sweep %s: %d experiments in %d table(s) -> %s", g.name, len(experiments), len(g.tables), out_dir)
     if dry_run:
         for name, _, point in experiments:
-            logger.info("dvc exp run --queue --force --name %s %s", name, " ".join(set_args(point)))
+            logger.info("dvc exp run --queue --name %s %s", name, " ".join(set_args(point)))
         return [{"table": t, "experiment": n, "state": "dry-run", **p} for n, t, p in experiments]
     _ensure_dvc_on_path()
     names = queue_experiments(str(root), experiments)
@@ -348,14 +359,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="print the dvc commands, run nothing")
     args = ap.parse_args(argv)
     only = [t.strip() for t in args.tables.split(",") if t.strip()] if args.tables else None
-    try:
-        g = load_grid(args.grid, only)
-        check_keys(g, Path(args.repo) / "params.yaml")
-    except (SweepError, OSError, yaml.YAMLError) as exc:
-        ap.error(str(exc))
-    try:
+    try:  # the flow validates the grid and every point before it queues anything
         rows = sweep_flow(grid=args.grid, repo=args.repo, jobs=args.jobs, tables=only, out=args.out,
                           poll_seconds=args.poll, dry_run=args.dry_run)
+    except SweepConfigError as exc:
+        ap.error(str(exc))
     except SweepError as exc:
         print(f"sweep failed: {exc}", file=sys.stderr)
         return 1
@@ -363,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in rows:
             print(r["experiment"], " ".join(set_args({k: v for k, v in r.items() if k not in ("table", "experiment", "state")})))
         return 0
-    print(to_markdown(rows, g))
+    print(to_markdown(rows, load_grid(args.grid, only)))  # already validated by the flow
     return 0 if all(r["state"] in ("success", "committed") for r in rows) else 1
 
 

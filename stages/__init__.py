@@ -1,0 +1,1 @@
+"""The DVC stage scripts: one per dvc.yaml stage, each `python -m stages.<name>`."""

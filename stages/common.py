@@ -1,4 +1,5 @@
-"""Glue shared by the stage scripts: params, logging, the artifact layout, run metadata."""
+"""Glue shared by the stage scripts: argv, params, logging, run metadata. Paths come from
+:class:`amrg.layout.Layout` (``--artifacts`` / ``--checkpoints`` redirect a whole run)."""
 
 from __future__ import annotations
 
@@ -8,26 +9,31 @@ import logging
 import time
 from pathlib import Path
 
+from amrg import dist
 from amrg.config import Params, load_params, to_dict
 from amrg.io import setup_logging, write_json
-
-ARTIFACTS = Path("artifacts")
-CHECKPOINTS = Path("checkpoints")
-PHANTOM_FLAG = "phantom_images"
+from amrg.layout import Layout
 
 
-def start(stage: str, argv: list[str] | None = None) -> tuple[Params, logging.Logger]:
-    """Parse ``--params`` (default params.yaml), validate every key, set up logging."""
+def start(stage: str, argv: list[str] | None = None, relaunch: bool = False
+          ) -> tuple[Params, logging.Logger, Layout]:
+    """Parse ``--params`` (default params.yaml), ``--artifacts`` and ``--checkpoints``, validate every
+    key, set up logging. ``relaunch``: a training stage re-executes itself under torchrun when
+    ``runtime.num_processes > 1`` (:func:`amrg.dist.relaunch`)."""
     import argparse
 
     ap = argparse.ArgumentParser(prog=f"python -m stages.{stage}")
     ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--artifacts", default="artifacts", help="artifacts root (default: artifacts)")
+    ap.add_argument("--checkpoints", default="checkpoints", help="resumable training state (default: checkpoints)")
     args = ap.parse_args(argv)
     setup_logging()
     params = load_params(args.params)
+    if relaunch:
+        dist.relaunch(params.runtime.num_processes, f"stages.{stage}", argv)
     log = logging.getLogger(f"stages.{stage}")
     log.info("stage %s", stage)
-    return params, log
+    return params, log, Layout(Path(args.artifacts), Path(args.checkpoints))
 
 
 def fingerprint(*parts) -> str:
@@ -63,11 +69,6 @@ def log_history(out_dir: Path, history: list[dict]) -> None:
         write_text(root / "plots" / "metrics" / f"{name}.tsv", f"step\t{name.rsplit('/', 1)[-1]}\n{rows}")
     write_json(root / "metrics.json", {**{k: v for k, v in history[-1].items() if k != "epoch"},
                                        "step": len(history) - 1} if history else {})
-
-
-def is_phantom() -> bool:
-    stats = ARTIFACTS / "preprocess" / "stats.json"
-    return bool(json.loads(stats.read_text()).get(PHANTOM_FLAG, False)) if stats.exists() else False
 
 
 class Timer:

@@ -16,16 +16,14 @@ from amrg.data.store import load_studies
 from amrg.io import save_tensors, setup_runtime, write_json, write_parquet
 from amrg.models.text_encoder import SentenceEncoder
 
-from .common import ARTIFACTS, Timer, start, write_resolved
-
-PRE, OUT = ARTIFACTS / "preprocess", ARTIFACTS / "banks" / "report"
+from .common import Timer, start, write_resolved
 
 
 def main(argv: list[str] | None = None) -> None:
-    params, log = start("encode_report_bank", argv)
-    p, timer = params.banks.report, Timer()
+    params, log, layout = start("encode_report_bank", argv)
+    p, timer, out = params.banks.report, Timer(), layout.stage_dir("encode_report_bank")
     device = setup_runtime(params.runtime)
-    studies = load_studies(PRE / "studies.parquet")
+    studies = load_studies(layout.studies)
     train = studies.rows("train")
     reports = [studies.reports[i] for i in train]
     ids = [studies.ids[i] for i in train]
@@ -39,12 +37,12 @@ def main(argv: list[str] | None = None) -> None:
     if not torch.isfinite(bank).all():
         bad = int((~torch.isfinite(bank)).any(1).sum())
         raise FloatingPointError(f"report bank has NaN/inf in {bad} of {len(bank)} rows: check banks.report.encoder")
-    save_tensors(OUT / "bank.safetensors", {"bank": bank}, metadata={"encoder": p.encoder, "pooling": "mean"})
-    write_parquet(OUT / "rows.parquet", rows)
-    write_json(OUT / "metrics.json", {"n_reports": len(picks), "n_r": int(bank.shape[0]), "dim": int(bank.shape[1]),
+    save_tensors(layout.report_bank, {"bank": bank}, metadata={"encoder": p.encoder, "pooling": "mean"})
+    write_parquet(out / "rows.parquet", rows)
+    write_json(out / "metrics.json", {"n_reports": len(picks), "n_r": int(bank.shape[0]), "dim": int(bank.shape[1]),
                                       "encoder": p.encoder, "pooling": "attention-masked mean of last hidden states",
                                       "sentences_per_s": round(len(bank) / max(timer(), 1e-9), 1)})
-    write_resolved(OUT, banks_report=p, runtime=params.runtime)
+    write_resolved(out, banks_report=p, runtime=params.runtime)
     log.info("report bank: %d sentences from %d reports in %.1fs", len(bank), len(picks), timer())
 
 

@@ -10,43 +10,41 @@ import numpy as np
 import torch
 
 from amrg.banks import mask_to_grid, masked_mean_pool
-from amrg.data.store import pixels_of
-from amrg.io import autocast, read_parquet, save_tensors, setup_runtime, write_json, write_parquet
+from amrg.data.store import pixels_of, read_patch_mask
+from amrg.io import autocast, progress, read_parquet, save_tensors, setup_runtime, write_json, write_parquet
 from amrg.models.load import load_classifier
 
-from .common import ARTIFACTS, Timer, is_phantom, start, write_resolved
-
-CLS, CAM, OUT = ARTIFACTS / "classifier", ARTIFACTS / "cam", ARTIFACTS / "banks" / "visual"
+from .common import Timer, start, write_resolved
 
 
 def main(argv: list[str] | None = None) -> None:
-    params, log = start("encode_visual_bank", argv)
-    p, timer = params.banks.visual, Timer()
+    params, log, layout = start("encode_visual_bank", argv)
+    p, timer, out = params.banks.visual, Timer(), layout.stage_dir("encode_visual_bank")
     device = setup_runtime(params.runtime)
-    regions = read_parquet(CAM / "regions.parquet")
+    regions = read_parquet(layout.regions)
     if regions.num_rows == 0:
-        raise ValueError(f"{CAM / 'regions.parquet'} has no regions: lower cam.tau or check the classifier")
-    encoder = load_classifier(CLS, device).encoder
+        raise ValueError(f"{layout.regions} has no regions: lower cam.tau or check the classifier")
+    encoder = load_classifier(layout.stage_dir("train_classifier"), device).encoder
     pixels = torch.from_numpy(np.array(pixels_of(regions)))
-    packed = np.stack([np.frombuffer(b, np.uint8) for b in regions.column("patch_mask").to_pylist()])
-    side = int(round((pixels.shape[-1] // params.cam.patch)))
-    masks = torch.from_numpy(np.unpackbits(packed, axis=1)[:, : side * side].reshape(-1, side, side).astype(bool))
+    masks = torch.from_numpy(read_patch_mask(regions)[0])
     vectors = []
     with torch.inference_mode():
-        for s in range(0, len(pixels), p.batch_size):
+        for s in progress(range(0, len(pixels), p.batch_size), "visual bank", unit="batch"):
             with autocast(device, params.runtime.precision):
                 tokens = encoder(pixels[s:s + p.batch_size].to(device)).float()
             grid_mask = mask_to_grid(masks[s:s + p.batch_size].to(device), encoder.grid)
             vectors.append(masked_mean_pool(tokens, grid_mask).cpu())
     bank = torch.cat(vectors)
     if not torch.isfinite(bank).all():
-        raise FloatingPointError("visual bank has NaN/inf rows: the classifier weights are not finite")
-    save_tensors(OUT / "bank.safetensors", {"bank": bank}, metadata={"pooling": "masked_mean_tokens"})
-    write_parquet(OUT / "rows.parquet", regions.select(["study_id", "view", "disease", "disease_name", "score"]))
-    write_json(OUT / "metrics.json", {"phantom_images": is_phantom(), "n_v": int(bank.shape[0]), "dim": int(bank.shape[1]),
-                                      "pooling": "mean of encoder tokens in kept patches",
+        bad = int((~torch.isfinite(bank)).any(1).sum())
+        raise FloatingPointError(f"visual bank has NaN/inf in {bad} of {len(bank)} rows: the classifier weights "
+                                 "are not finite (check the train_classifier stage)")
+    save_tensors(layout.visual_bank, {"bank": bank}, metadata={"pooling": "masked_mean_tokens"})
+    write_parquet(out / "rows.parquet", regions.select(["study_id", "view", "disease", "disease_name", "score"]))
+    write_json(out / "metrics.json", {"phantom_images": layout.is_phantom(), "n_v": int(bank.shape[0]),
+                                      "dim": int(bank.shape[1]), "pooling": "mean of encoder tokens in kept patches",
                                       "regions_per_s": round(len(bank) / max(timer(), 1e-9), 1)})
-    write_resolved(OUT, banks_visual=p, cam_patch=params.cam.patch, runtime=params.runtime)
+    write_resolved(out, banks_visual=p, runtime=params.runtime)
     log.info("visual bank %s in %.1fs", tuple(bank.shape), timer())
 
 

@@ -23,18 +23,20 @@ from amrg.io import write_json, write_parquet
 from amrg.labels import label
 from amrg.labels.schema import CHEXPERT_14, LABEL_COLUMNS
 
-from .common import ARTIFACTS, PHANTOM_FLAG, Timer, start, write_resolved
+from amrg.io import resolve_device
+from amrg.layout import PHANTOM_FLAG
 
-OUT = ARTIFACTS / "preprocess"
+from .common import Timer, start, write_resolved
 
 
 def main(argv: list[str] | None = None) -> None:
-    params, log = start("preprocess", argv)
-    p, timer = params.data, Timer()
+    params, log, layout = start("preprocess", argv)
+    p, timer, out = params.data, Timer(), layout.stage_dir("preprocess")
     studies, skips = load_dataset(p.dataset, p.annotation)
     if p.max_studies:
         studies = limit_per_split(studies, p.max_studies)
-    labels = label([s.report for s in studies], params.labels.labeler, **params.labels.options())
+    labels = label([s.report for s in studies], params.labels.labeler, device=str(resolve_device(params.runtime.device)),
+                   **params.labels.options())
 
     phantom = p.images_dir is None
     kept, pixels, img_ids, img_views, img_splits = [], [], [], [], []
@@ -72,8 +74,8 @@ def main(argv: list[str] | None = None) -> None:
              "impression": [s.impression for s in studies],
              "n_images": [n_images[s.id] for s in studies]}
     table.update({col: pa.array(labels[:, j], pa.float32()) for j, col in enumerate(LABEL_COLUMNS)})
-    write_parquet(OUT / "studies.parquet", table)
-    write_parquet(OUT / "images.parquet", images_table(img_ids, img_views, img_splits, np.stack(pixels)))
+    write_parquet(layout.studies, table)
+    write_parquet(layout.images, images_table(img_ids, img_views, img_splits, np.stack(pixels)))
 
     split_arr = np.array([s.split for s in studies])
     stats = {
@@ -88,8 +90,8 @@ def main(argv: list[str] | None = None) -> None:
         "label_positive_train": {n: int((labels[split_arr == "train", j] == 1).sum()) for j, n in enumerate(CHEXPERT_14)},
         "seconds": timer(),
     }
-    write_json(OUT / "stats.json", stats)
-    write_resolved(OUT, data=p, labels=params.labels, runtime=params.runtime)
+    write_json(layout.stats, stats)
+    write_resolved(out, data=p, labels=params.labels, runtime=params.runtime)
     log.info("studies %s, images %s, skipped %d (%s)%s", stats["studies"], stats["images"], len(skips),
              stats["skipped_by_reason"], " [PHANTOM images]" if phantom else "")
 

@@ -218,3 +218,38 @@ def test_report_bank_stage_refuses_non_finite_vectors(tmp_path, monkeypatch):
     with pytest.raises(FloatingPointError, match="report bank has NaN/inf"):
         encode_report_bank.main(["--params", "params.yaml"])
     assert not (tmp_path / "artifacts/banks/report/bank.safetensors").exists()
+
+
+def test_visual_bank_stage_refuses_non_finite_rows(tmp_path, monkeypatch):
+    """encode_visual_bank refuses a bank with a NaN or inf row (README: both banks are checked): a clear
+    error, and no bank is written. Inputs come from the real preprocess, train_classifier and mine_cam."""
+    from amrg.io import load_tensors
+    from amrg.layout import Layout
+    from stages import encode_visual_bank, mine_cam, train_classifier
+
+    params = json.loads(json.dumps(ROOT_PARAMS))
+    params["data"]["annotation"] = str(Path(__file__).resolve().parents[1] / "data/iu_xray/annotation.json")
+    params["data"]["max_studies"] = 3
+    params["classifier"].update(epochs=1, batch_size=8)
+    params["cam"].update(tau=0.0, max_per_disease=2, batch_size=4, n_overlays=0)
+    params["runtime"].update(device="cpu", precision="fp32")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    argv = ["--params", str(tmp_path / "params.yaml"), "--artifacts", str(tmp_path / "artifacts"),
+            "--checkpoints", str(tmp_path / "checkpoints")]
+    for stage in (preprocess, train_classifier, mine_cam):
+        stage.main(argv)
+    bank = Layout(tmp_path / "artifacts").visual_bank
+    real_pool = encode_visual_bank.masked_mean_pool
+    for bad in (float("nan"), float("inf")):
+        def poisoned(tokens, mask, bad=bad):  # one entry of the first region's vector is not finite
+            out = real_pool(tokens, mask).clone()
+            out[0, 0] = bad
+            return out
+
+        monkeypatch.setattr(encode_visual_bank, "masked_mean_pool", poisoned)
+        with pytest.raises(FloatingPointError, match="visual bank has NaN/inf"):
+            encode_visual_bank.main(argv)
+        assert not bank.exists()
+    monkeypatch.setattr(encode_visual_bank, "masked_mean_pool", real_pool)
+    encode_visual_bank.main(argv)  # the same inputs with finite vectors: the bank is written
+    assert bank.exists() and torch.isfinite(load_tensors(bank)["bank"]).all()

@@ -33,3 +33,11 @@ def test_oracle_writes_the_true_findings():
     assert "no pleural effusion" not in out[2]
     got = label(out)
     assert got[1, idx["Cardiomegaly"]] == 1 and got[2, idx["Pleural Effusion"]] == 1 and got[2, idx["Pneumothorax"]] == 1
+
+
+def test_oracle_uncertain_as_positive_writes_the_uncertain_finding():
+    lab = np.full((1, 14), np.nan, np.float32)
+    lab[0, CHEXPERT_14.index("Cardiomegaly")] = -1
+    assert oracle_reports(lab, TRAIN, label)[0] == TRAIN[0]  # uncertain as negative: nothing to write
+    out = oracle_reports(lab, TRAIN, label, uncertain_as="positive")[0]
+    assert out.startswith("the heart is enlarged .") and "the heart is normal" not in out

@@ -304,3 +304,15 @@ def test_cuda_matches_cpu(tiny, tmp_path):
     bf16 = label(REPORTS, labeler="chexbert", chexbert_checkpoint=str(ckpt), chexbert_tokenizer=str(tok_dir),
                  device="auto", precision="bf16")
     assert bf16.shape == cpu.shape and bf16.dtype == np.float32
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without CUDA")
+def test_device_option_reaches_chexbert(tiny, tmp_path):
+    """label(..., device=) is passed to CheXbert and resolved by amrg.io.resolve_device (runtime.device)."""
+    tok_dir, state, _ = tiny
+    ckpt = write_ckpt(tmp_path / "d.pth", state)
+    with pytest.raises(RuntimeError, match="no CUDA device is visible"):
+        label(["Mild cardiomegaly."], labeler="chexbert", chexbert_checkpoint=str(ckpt),
+              chexbert_tokenizer=str(tok_dir), device="cuda")
+    assert chexbert.load(ckpt, tok_dir, "cpu").device == torch.device("cpu")
+    chexbert.clear_cache()

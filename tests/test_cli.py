@@ -14,13 +14,14 @@ import yaml
 from PIL import Image
 
 from amrg.cli import main
-from amrg.config import Hopfield, Llm, to_dict
-from amrg.inference import RUN_FILES, MissingArtifacts, check_run
+from amrg.config import BankIndex, Cam, Decode, Evaluate, Hopfield, Labels, Llm, Runtime, to_dict
+from amrg.inference import load_run
 from amrg.io import save_tensors, write_json
 from amrg.labels.schema import CHEXPERT_14
+from amrg.layout import Layout, MissingArtifacts
 from amrg.models.classifier import ClassifierSpec, DiseaseClassifier
-from amrg.models.generator import ReportGenerator
-from amrg.models.llm import build_llm, save_llm_spec
+from amrg.models.generator import GeneratorSpec, ReportGenerator, create_generator
+from amrg.models.llm import save_llm
 
 ROOT = Path(__file__).resolve().parents[1]
 CARDIO = CHEXPERT_14.index("Cardiomegaly")
@@ -39,23 +40,40 @@ def run_dir(tmp_path_factory) -> Path:
         clf.head_weight.mul_(0.01)
         clf.head_bias.fill_(-6.0)
         clf.head_bias[CARDIO] = 6.0
-    save_tensors(root / "classifier" / "model.safetensors", clf.state_dict())
-    write_json(root / "classifier" / "config.json", {"spec": spec.to_dict(), "uncertain_as": "negative"})
-    save_tensors(root / "banks" / "visual" / "bank.safetensors", {"bank": torch.randn(10, clf.encoder.num_features)})
-    save_tensors(root / "banks" / "report" / "bank.safetensors", {"bank": torch.randn(8, 24)})
+    layout = Layout(root)
+    save_tensors(layout.classifier_weights, clf.state_dict())
+    write_json(layout.classifier_config, {"spec": spec.to_dict(), "uncertain_as": "negative"})
+    banks = torch.randn(10, clf.encoder.num_features), torch.randn(8, 24)
+    save_tensors(layout.visual_bank, {"bank": banks[0]})
+    save_tensors(layout.report_bank, {"bank": banks[1]})
     llm_cfg = Llm(source="scratch", trainable="full", hidden_size=32, layers=1, heads=2, intermediate_size=64,
                   min_word_freq=1)
-    llm, tok = build_llm(llm_cfg, ["the heart is enlarged .", "the lungs are clear ."], PROMPT)
-    hop = Hopfield(dim=16)
-    gen = ReportGenerator(llm, tok, clf.encoder.num_features, 32, torch.randn(10, clf.encoder.num_features),
-                          torch.randn(8, 24), hop, PROMPT)
-    save_tensors(root / "generator" / "weights.safetensors", gen.trainable_state_dict())
-    save_llm_spec(root / "generator", llm_cfg, llm, tok)
-    write_json(root / "generator" / "config.json", {"llm": to_dict(llm_cfg), "hopfield": to_dict(hop), "prompt": PROMPT,
-                                                    "visual_pool": 4, "visual_dim": clf.encoder.num_features,
-                                                    "query_dim": 32})
-    write_json(root / "preprocess" / "stats.json", {"phantom_images": True, "studies": {"train": 2, "val": 1, "test": 1}})
+    gspec = GeneratorSpec(llm_cfg, Hopfield(dim=16), BankIndex(), PROMPT, 4, clf.encoder.num_features, 32)
+    gen = create_generator(gspec, *banks, train_texts=["the heart is enlarged .", "the lungs are clear ."])
+    with torch.no_grad():
+        gen.proj_query[1].bias.add_(1.0)  # a trained value, not the initial one: the round trip must carry it
+    save_tensors(layout.generator_weights, gen.trainable_state_dict())
+    save_llm(layout.stage_dir("train_generator"), llm_cfg, gen.llm, gen.tokenizer)
+    write_json(layout.generator_config, {"spec": gspec.to_dict()})
+    write_json(layout.stats, {"phantom_images": True, "studies": {"train": 2, "val": 1, "test": 1}})
+    # the run's own decode/CAM settings, as its evaluate stage resolves them
+    write_json(layout.params("evaluate"), {"decode": to_dict(RUN_DECODE), "evaluate": to_dict(Evaluate()),
+                                           "labels": to_dict(Labels()), "cam": to_dict(Cam()), "runtime": to_dict(Runtime())})
     return root
+
+
+RUN_DECODE = Decode(num_beams=1, max_new_tokens=3, min_new_tokens=3)
+
+
+def test_run_rebuilds_the_trained_generator(run_dir):
+    """load_run rebuilds the generator from its spec in the spec's dtype, with the trained weights."""
+    run = load_run(Layout(run_dir), torch.device("cpu"))
+    assert run.spec == GeneratorSpec.from_dict(json.loads((run_dir / "generator" / "config.json").read_text())["spec"])
+    assert run.spec.dtype == "fp32" and next(run.generator.llm.parameters()).dtype == torch.float32
+    saved = {k: v for k, v in __import__("safetensors.torch", fromlist=["x"]).load_file(
+        str(run_dir / "generator" / "weights.safetensors")).items()}
+    state = run.generator.trainable_state_dict()
+    assert set(state) == set(saved) and all(torch.equal(state[k], saved[k]) for k in saved)
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +122,36 @@ def test_generate_reports_labels_and_cam(run_dir, images, params_file, tmp_path,
     assert "report: " in captured.out and "PHANTOM" in captured.err
 
 
+def test_generate_uses_the_runs_own_decode_settings(run_dir, images, params_file, tmp_path, capsys, monkeypatch):
+    seen = []
+    original = ReportGenerator.generate
+
+    def spy(self, f, fd, decode):
+        seen.append(decode)
+        return original(self, f, fd, decode)
+
+    monkeypatch.setattr(ReportGenerator, "generate", spy)
+    ws = tmp_path / "ws"  # a workspace params.yaml with other settings is ignored
+    ws.mkdir()
+    (ws / "params.yaml").write_text(Path(params_file).read_text())
+    monkeypatch.chdir(ws)
+    assert main(["generate", images[0], "--run", str(run_dir), "--json"]) == 0
+    assert seen == [RUN_DECODE]
+    capsys.readouterr()
+    assert main(["generate", images[0], "--run", str(run_dir), "--params", params_file, "--json"]) == 0
+    assert seen[-1] == Decode(**yaml.safe_load(Path(params_file).read_text())["decode"])
+    capsys.readouterr()
+
+    # no params file where one is named, or a run without its resolved params: an error, never defaults
+    assert main(["generate", images[0], "--run", str(run_dir), "--params", str(tmp_path / "typo.yaml")]) == 2
+    assert "typo.yaml not found" in capsys.readouterr().err
+    bare = tmp_path / "bare"
+    shutil.copytree(run_dir, bare)
+    (bare / "eval" / "params.json").unlink()
+    assert main(["generate", images[0], "--run", str(bare)]) == 1
+    assert "dvc repro evaluate" in capsys.readouterr().err
+
+
 def test_generate_errors(run_dir, images, tmp_path, capsys):
     corrupt = tmp_path / "corrupt.png"
     corrupt.write_bytes(Image.open(images[0]).tobytes()[:100])  # not an image file
@@ -121,12 +169,12 @@ def test_generate_errors(run_dir, images, tmp_path, capsys):
                        ("banks/visual/bank.safetensors", "encode_visual_bank"),
                        ("classifier/model.safetensors", "train_classifier")):
         (partial / rel).unlink()
-        assert main(["generate", images[0], "--run", str(partial)]) == 2
+        assert main(["generate", images[0], "--run", str(partial)]) == 1
         err = capsys.readouterr().err
         assert f"`dvc repro {stage}`" in err and rel in err
-    with pytest.raises(MissingArtifacts):
-        check_run(tmp_path / "nothing")
-    assert [stage for _, stage in RUN_FILES][0] == "train_classifier"
+    with pytest.raises(MissingArtifacts, match="dvc repro train_classifier"):
+        load_run(Layout(tmp_path / "nothing"), torch.device("cpu"))
+    assert Layout(tmp_path).stage_of(tmp_path / "banks" / "report" / "rows.parquet") == "encode_report_bank"
 
 
 def test_show(tmp_path, monkeypatch, capsys):

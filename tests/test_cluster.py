@@ -29,7 +29,8 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
-from amrg.config import tiny_params
+from ._workspace import make_workspace
+
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIM = Path(__file__).resolve().parent / "faults"
@@ -119,18 +120,8 @@ def _check_outputs(ws: Path) -> tuple[int, int]:
 def cluster(tmp_path_factory):
     """origin (git, tiny profile, committed .dvc/config with the sibling remote) + helpers."""
     tmp = tmp_path_factory.mktemp("cluster")
-    origin = tmp / "origin"
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
-                           text=True, check=True).stdout.split()
-    for f in files:
-        if (ROOT / f).is_file() and not f.startswith(("artifacts/", "checkpoints/", "tests/", "bench/")):
-            (origin / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / f, origin / f)
-    (origin / "dvc.lock").unlink(missing_ok=True)
-    params = tiny_params(origin / "params.yaml", CHECKPOINT_EVERY_STEP, SPEEDUPS)
-    (origin / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    origin = make_workspace(tmp / "origin", CHECKPOINT_EVERY_STEP, SPEEDUPS, exclude=("tests/", "bench/"))
     env = _env(tmp)
-    _run(["git", "init", "-q"], origin, env)
     _run(["git", "add", "-A"], origin, env)
     _run(["git", "commit", "-qm", "tiny profile"], origin, env)
     remote = _run(DVC + ["remote", "list"], origin, env)

@@ -1,6 +1,7 @@
-"""Config validation, atomic IO, report cleaning, image decoding."""
+"""Config validation, atomic IO, devices, progress, report cleaning, image decoding."""
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from amrg.config import ParamsError, load_params, parse_params
 from amrg.data.adapters import load_iu_xray
 from amrg.data.clean import clean_report, report_sentences
 from amrg.data.images import ImageError, decode_image, decode_many
-from amrg.io import load_checkpoint, read_json, save_checkpoint
+from amrg.io import load_checkpoint, progress, read_json, resolve_device, save_checkpoint
 
 
 def test_repo_params_are_valid():
@@ -99,9 +100,15 @@ def test_decode_image_modes_and_errors(tmp_path):
     assert out.shape == (32, 32) and out.dtype == np.uint8 and abs(int(out.mean()) - 60) <= 2  # 0.299*200
     g16 = decode_image(tmp_path, "x16.png", 32)
     assert g16.min() <= 5 and g16.max() >= 250
-    res = decode_many(tmp_path, ["bad.png", "missing.png", "../etc/passwd", "/etc/passwd"], 32)
-    assert [r.reason for r in res] == ["unreadable_image", "missing_image", "path_outside_images_dir",
-                                       "path_outside_images_dir"]
+    rels = ["bad.png", "missing.png", "../etc/passwd", "/etc/passwd", "rgba.png", "x16.png"]
+    res = decode_many(tmp_path, rels, 32, workers=2)
+    assert [r.reason for r in res[:4]] == ["unreadable_image", "missing_image", "path_outside_images_dir",
+                                           "path_outside_images_dir"]
+    assert np.array_equal(res[4], out) and np.array_equal(res[5], g16)  # in order, whatever the pool
+    assert all(np.array_equal(a, b) if isinstance(a, np.ndarray) else a.reason == b.reason
+               for a, b in zip(res, decode_many(tmp_path, rels, 32, workers=1)))
+    with pytest.raises(ValueError, match="workers"):
+        decode_many(tmp_path, rels, 32, workers=0)
     (tmp_path / "link.png").symlink_to("/etc/hostname")
     with pytest.raises(ImageError, match="path_outside_images_dir"):
         decode_image(tmp_path, "link.png", 32)
@@ -119,10 +126,54 @@ def test_log_history_writes_dvc_plot_files(tmp_path):
 
 
 def test_tiny_overlay_merges_into_valid_params(tmp_path):
-    from amrg.config import merge_overlay, tiny_params
+    from amrg.config import merge_overlay
+
+    from ._workspace import tiny_params
 
     assert merge_overlay({"a": {"b": 1, "c": 2}, "d": 3}, {"a": {"b": 9}, "e": 4}) == {"a": {"b": 9, "c": 2}, "d": 3, "e": 4}
     raw = tiny_params("params.yaml", {"generator": {"checkpoint_every": 1}})
     params = parse_params(raw)
     assert params.data.max_studies == 12 and params.generator.epochs == 1 and params.generator.checkpoint_every == 1
     assert params.hopfield == load_params("params.yaml").hopfield  # untouched sections stay as they are
+
+
+def test_resolve_device():
+    import torch
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    auto = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("auto") == resolve_device(None) == auto
+    if not torch.cuda.is_available():
+        for dev in ("cuda", "cuda:1", torch.device("cuda")):
+            with pytest.raises(RuntimeError, match="no CUDA device is visible"):
+                resolve_device(dev)
+
+
+def _throughput_lines(caplog):
+    return [r.getMessage() for r in caplog.records if r.name == "amrg.io"]
+
+
+def test_progress_bar_and_one_throughput_line(caplog, capsys):
+    caplog.set_level(logging.INFO, logger="amrg.io")
+    assert list(progress(iter(range(5)), "count things", total=5, unit="things")) == [0, 1, 2, 3, 4]
+    lines = _throughput_lines(caplog)
+    assert len(lines) == 1 and lines[0].startswith("count things: 5 things in ") and lines[0].endswith(" things/s)")
+    assert "count things" in capsys.readouterr().err  # the tqdm bar (rank 0)
+    caplog.clear()
+    # batches: count() says how many units each item is; total defaults to len() without count
+    starts = range(0, 10, 4)
+    assert list(progress(starts, "batches", unit="rows", total=10, count=lambda s: min(4, 10 - s))) == [0, 4, 8]
+    assert _throughput_lines(caplog)[0].startswith("batches: 10 rows in ")
+    caplog.clear()
+    for i in progress([1, 2, 3], "left early"):  # a loop left early logs no throughput
+        break
+    assert _throughput_lines(caplog) == []
+
+
+def test_progress_is_silent_off_rank_0(caplog, capsys, monkeypatch):
+    from amrg import dist
+
+    monkeypatch.setattr(dist, "context", lambda: dist.Context(rank=1, world=2))
+    caplog.set_level(logging.INFO, logger="amrg.io")
+    assert list(progress([1, 2], "rank one")) == [1, 2]
+    assert _throughput_lines(caplog) == [] and "rank one" not in capsys.readouterr().err

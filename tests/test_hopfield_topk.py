@@ -8,10 +8,9 @@ import pytest
 import torch
 
 from amrg.config import Hopfield, Llm
-from amrg.models.generator import ReportGenerator
 from amrg.models.hopfield import HopfieldRetrieval
-from amrg.models.llm import build_llm
 from amrg.models.memory_index import MemoryIndex
+from tests.test_training import TINY_LLM, make_generator
 
 pytest.importorskip("faiss")
 
@@ -95,13 +94,29 @@ def test_missing_candidates_are_masked_out():
 
 def test_generator_with_top_k_memories_runs_and_learns():
     reports = ["the heart is normal .", "there is a left pleural effusion ."] * 4
-    llm, tok = build_llm(Llm(source="scratch", trainable="full", hidden_size=32, layers=1, heads=2,
-                             intermediate_size=64, min_word_freq=1), reports, "go")
-    hop = Hopfield(dim=8, top_k=3)
-    model = ReportGenerator(llm, tok, 16, 16, torch.randn(50, 10), torch.randn(40, 12), hop, "go",
-                            index={"threshold": 100_000})
-    ids = torch.tensor([tok(reports[1], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]] * 2)
-    loss = model(torch.randn(2, 4, 16), torch.randn(2, 14, 16), ids, torch.ones_like(ids))
-    loss.backward()
-    assert torch.isfinite(loss) and model.v_hopfield.top_k == 3 and model.r_hopfield._index.kind == "flat"
-    assert model.v_hopfield.v_proj.weight.grad.abs().sum() > 0
+    torch.manual_seed(0)
+    model = make_generator(Llm(**TINY_LLM), torch.randn(50, 10), torch.randn(40, 12), Hopfield(dim=8, top_k=3),
+                           visual_dim=16, query_dim=16, prompt="go", texts=reports, index={"threshold": 100_000})
+    tok = model.tokenizer
+    assert model.v_hopfield.top_k == 3 and model.r_hopfield.top_k == 3
+    rows = [tok(r, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for r in reports[:2]]
+    ids = torch.full((2, max(map(len, rows))), tok.pad_token_id)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), 1
+    f, fd = torch.randn(2, 4, 16), torch.randn(2, 14, 16)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    losses = []
+    for step in range(30):
+        opt.zero_grad()
+        loss = model(f, fd, ids, mask)
+        loss.backward()
+        if step == 0:  # the retrieval over each query's 3 candidates is trained, through both memories
+            assert model.r_hopfield._index.kind == "flat"
+            for h in (model.v_hopfield, model.r_hopfield):
+                for name in ("q_proj", "k_proj", "v_proj"):
+                    assert getattr(h, name).weight.grad.abs().sum() > 0, name
+        opt.step()
+        losses.append(loss.item())
+    assert all(map(math.isfinite, losses))
+    assert losses[-1] < 0.5 * losses[0], losses

@@ -382,3 +382,34 @@ def test_ce_bad_inputs():
         ce_scores(ok, ok, labels="all13")
     with pytest.raises(ValueError, match="numeric"):
         ce_scores(np.full((1, 14), "x"), np.zeros((1, 14)))
+
+
+# ----------------------------------------------------------------------------------------- binarize
+# the one CheXpert -> bool rule (CE, classifier targets, oracle baseline, report page): a hand table
+#            value:   1     0     -1     NaN   None
+BINARY_TABLE = {"negative": [True, False, False, False, False],
+                "positive": [True, False, True, False, False]}
+
+
+@pytest.mark.parametrize("uncertain_as", ["negative", "positive"])
+def test_binarize_hand_table(uncertain_as):
+    import torch
+
+    from amrg.labels.schema import binarize
+    from amrg.metrics import ce
+
+    want = BINARY_TABLE[uncertain_as]
+    values = np.array([1, 0, -1, np.nan, None], dtype=object)
+    got = binarize(values, uncertain_as)
+    assert isinstance(got, np.ndarray) and got.dtype == bool and got.tolist() == want
+    assert binarize(values.reshape(1, 5).repeat(2, 0), uncertain_as).tolist() == [want, want]  # any shape
+    t = binarize(torch.tensor([1.0, 0.0, -1.0, float("nan")]), uncertain_as)  # a tensor stays a tensor
+    assert isinstance(t, torch.Tensor) and t.dtype == torch.bool and t.tolist() == want[:4]
+    assert ce.binarize is binarize  # CE uses this rule, not a copy
+
+
+def test_binarize_rejects_unknown_uncertain_as():
+    from amrg.labels.schema import binarize
+
+    with pytest.raises(ValueError, match="negative, positive"):
+        binarize(np.zeros(3), "ignore")

@@ -17,8 +17,9 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from amrg.config import tiny_params
 from amrg.data.clean import report_sentences
+
+from ._workspace import make_workspace, tiny_params
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -35,18 +36,8 @@ def _ran(output: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
-    dst = tmp_path_factory.mktemp("repo")
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
-                           text=True, check=True).stdout.split()
-    for f in files:
-        if (ROOT / f).is_file() and not f.startswith(("artifacts/", "checkpoints/")):
-            (dst / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / f, dst / f)
-    (dst / "dvc.lock").unlink(missing_ok=True)
-    params = tiny_params(dst / "params.yaml")
-    (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    dst = make_workspace(tmp_path_factory.mktemp("repo"))
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    _run(["git", "init", "-q"], dst, env)
     return dst, env
 
 

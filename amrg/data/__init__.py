@@ -1,0 +1,1 @@
+"""Datasets, reports, images and the preprocess tables."""

@@ -57,8 +57,13 @@ def decode_image(root: str | Path, rel: str, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(gray).resize((size, size), Image.BILINEAR), dtype=np.uint8)
 
 
-def decode_many(root: str | Path, rels: list[str], size: int, workers: int = 4) -> list[np.ndarray | ImageError]:
-    """Decode in a thread pool (PIL releases the GIL while decoding); errors are returned, not raised."""
+def decode_many(root: str | Path, rels: list[str], size: int, workers: int) -> list[np.ndarray | ImageError]:
+    """Decode in a pool of ``workers`` threads (PIL releases the GIL while decoding), in order, with a
+    progress bar; errors are returned, not raised."""
+    from ..io import progress
+
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
 
     def one(rel: str) -> np.ndarray | ImageError:
         try:
@@ -67,4 +72,4 @@ def decode_many(root: str | Path, rels: list[str], size: int, workers: int = 4) 
             return e
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(one, rels))
+        return list(progress(pool.map(one, rels), "decode images", total=len(rels), unit="images"))

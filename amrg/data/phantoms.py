@@ -460,8 +460,11 @@ def draw_phantoms(jobs: list[tuple], workers: int = 0) -> list[np.ndarray]:
     import multiprocessing as mp
     import os
 
+    from ..io import progress
+
     workers = workers or os.cpu_count() or 1
+    desc = "draw phantom images"
     if workers == 1 or len(jobs) < 64:
-        return [draw_phantom(*j) for j in jobs]
-    with mp.get_context("fork").Pool(workers) as pool:
-        return pool.map(_draw_job, jobs, chunksize=64)
+        return [draw_phantom(*j) for j in progress(jobs, desc, unit="images")]
+    with mp.get_context("fork").Pool(workers) as pool:  # imap: in order, as pool.map, but as they come
+        return list(progress(pool.imap(_draw_job, jobs, chunksize=64), desc, total=len(jobs), unit="images"))

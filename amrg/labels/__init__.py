@@ -23,8 +23,8 @@ import numpy as np
 
 from . import chexbert, rules
 from .rules import count_empty, split_sentences
-from .schema import (CHEXPERT_14, COMMON_5, LABEL_COLUMNS, N_LABELS, NEGATIVE, POSITIVE, UNCERTAIN,
-                     label_column)
+from .schema import (CHEXPERT_14, COMMON_5, DECISION_THRESHOLD, LABEL_COLUMNS, N_LABELS, NEGATIVE, NO_FINDING,
+                     POSITIVE, UNCERTAIN, UNCERTAIN_AS, binarize, label_column)
 
 Labeler = Callable[[Sequence[str]], np.ndarray]
 
@@ -58,6 +58,7 @@ def label(reports: Sequence[str], labeler: str = "rules", *, chexbert_checkpoint
 
 
 __all__ = [
-    "CHEXPERT_14", "COMMON_5", "LABEL_COLUMNS", "LABELERS", "MODEL_LABELERS", "N_LABELS", "NEGATIVE", "POSITIVE",
-    "UNCERTAIN", "chexbert", "count_empty", "label", "label_column", "rules", "split_sentences",
+    "CHEXPERT_14", "COMMON_5", "DECISION_THRESHOLD", "LABEL_COLUMNS", "LABELERS", "MODEL_LABELERS", "N_LABELS",
+    "NEGATIVE", "NO_FINDING", "POSITIVE", "UNCERTAIN", "UNCERTAIN_AS", "binarize", "chexbert", "count_empty", "label",
+    "label_column", "rules", "split_sentences",
 ]

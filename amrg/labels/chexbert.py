@@ -137,26 +137,18 @@ class _Loaded:
         self.model, self.tokenizer, self.device, self.max_len = model, tokenizer, device, max_len
 
 
-def resolve_device(device: Any = None):
-    """``None`` / ``"auto"``: CUDA when available, else CPU; otherwise ``torch.device(device)``."""
-    import torch
-
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {str(device)!r} requested but CUDA is not available")
-    return dev
-
-
 def load(checkpoint: str | os.PathLike, tokenizer: str | os.PathLike | None = None, device: Any = None) -> _Loaded:
     """Load (or take from the cache) the CheXbert model + tokenizer on ``device``.
 
     ``tokenizer``: a local directory or hub id holding the bert-base-uncased tokenizer *and* its
     ``config.json`` (the encoder is built from that config, its weights come from the checkpoint).
+    ``device``: ``None`` / ``"auto"`` (CUDA when visible, else CPU) or a torch device string, resolved by
+    :func:`amrg.io.resolve_device` (a CUDA device without CUDA is a ``RuntimeError``).
     The cache key is (checkpoint path, its mtime and size, tokenizer, device).
     """
     from transformers import AutoTokenizer, BertConfig
+
+    from ..io import resolve_device
 
     path = Path(checkpoint).expanduser().resolve()
     st = path.stat()  # FileNotFoundError for a wrong path
@@ -232,6 +224,8 @@ def label_reports(reports: Sequence[str], *, checkpoint: str | os.PathLike | Non
         return out
     import torch
 
+    from ..io import progress
+
     m = load(checkpoint, tokenizer, device)
     ids = encode(m.tokenizer, reports, m.max_len)
     todo = sorted((i for i, x in enumerate(ids) if x), key=lambda i: -len(ids[i]))
@@ -241,7 +235,9 @@ def label_reports(reports: Sequence[str], *, checkpoint: str | os.PathLike | Non
     classes = np.zeros((len(todo), N_HEADS), dtype=np.int64)
     use_bf16 = precision == "bf16" and m.device.type == "cuda"
     with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
-        for s in range(0, len(todo), batch_size):
+        starts = range(0, len(todo), batch_size)
+        for s in progress(starts, "label reports (chexbert)", total=len(todo), unit="reports",
+                          count=lambda s: min(batch_size, len(todo) - s)):
             chunk = todo[s:s + batch_size]
             width = len(ids[chunk[0]])  # longest first
             x = torch.full((len(chunk), width), pad, dtype=torch.long)
@@ -258,4 +254,4 @@ def label_reports(reports: Sequence[str], *, checkpoint: str | os.PathLike | Non
 
 __all__ = ["CHEXBERT_CONDITIONS", "CLASS_VALUES", "DEFAULT_TOKENIZER", "HEAD_TO_SCHEMA", "MAX_TOKENS",
            "check_state_dict", "classes_to_labels", "clear_cache", "encode", "label_reports", "load",
-           "load_state_dict", "resolve_device"]
+           "load_state_dict"]

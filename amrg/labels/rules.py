@@ -332,8 +332,10 @@ def _report_row(report: str) -> tuple[float, ...]:
 
 def label_reports(reports: Sequence[str]) -> np.ndarray:
     """Label reports; returns float32 ``(N, 14)`` in ``CHEXPERT_14`` order (1 / 0 / -1 / NaN)."""
+    from ..io import progress  # torch-heavy module: imported when labelling, not with amrg.labels
+
     reports = _check(reports)
     out = np.empty((len(reports), N_LABELS), dtype=np.float32)
-    for i, r in enumerate(reports):
+    for i, r in enumerate(progress(reports, "label reports (rules)", unit="reports")):
         out[i] = _report_row(r)
     return out

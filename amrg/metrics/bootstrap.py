@@ -38,15 +38,16 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 from scipy import sparse
 
+from ..io import progress
 from .ce import ce_counts, prf
+from .registry import CE_KEYS, NLG_CI_KEYS
 
-CI_KEYS: tuple[str, ...] = ("BLEU_1", "BLEU_2", "BLEU_3", "BLEU_4", "ROUGE_L", "CIDEr")
-CE_KEYS: tuple[str, ...] = ("precision", "recall", "f1")
+CI_KEYS = NLG_CI_KEYS  # the NLG scores with an interval (all but METEOR)
 _TINY, _SMALL = 1e-15, 1e-9  # pycocoevalcap BleuScorer's epsilons
 _SIGMA = 6.0  # pycocoevalcap CiderScorer's length-penalty width
 _MAX_DENSE = 2e7  # cells of one (resamples x n-grams) block
@@ -204,7 +205,10 @@ def _interval(values: np.ndarray, level: float) -> dict[str, float]:
 
 
 def _nest(flat: dict[str, Any]) -> dict[str, Any]:
-    """``{"BLEU_1": x, "ce.f1": y}`` -> ``{"BLEU_1": x, "ce": {"f1": y}}`` (the layout of the point scores)."""
+    """``{"BLEU_1": x, "ce.f1": y}`` -> ``{"BLEU_1": x, "ce": {"f1": y}}`` (the layout of the point scores).
+
+    The inverse of reading with :func:`amrg.config.get_dotted`: it builds the nested dict (one dot, the
+    only depth :func:`replicates` writes) rather than looking a key up, so it is not a copy of it."""
     out: dict[str, Any] = {}
     for k, v in flat.items():
         head, _, tail = k.partition(".")
@@ -216,19 +220,21 @@ def _nest(flat: dict[str, Any]) -> dict[str, Any]:
 
 
 def bootstrap_ci(systems: dict[str, SystemStats], n_resamples: int, seed: int, level: float = 0.95,
-                 reference: str = "model", chunks: Iterable | None = None) -> dict[str, Any]:
+                 reference: str = "model") -> dict[str, Any]:
     """Percentile intervals of every system and paired differences ``reference - other``.
 
     Returns ``{"method": {...}, "ci": {system: {"BLEU_1": {"lo", "hi"}, ..., "ce": {"f1": {...}}}},
     "paired": {other: {metric: {"diff", "lo", "hi", "p_le_0"}}}}`` where ``diff`` is the mean
-    resampled difference. ``chunks`` may wrap the list of systems (e.g. a progress bar).
+    resampled difference. Progress (resamples scored over all systems) goes to a bar and the log.
     """
     n = {s.nlg.rouge.shape[0] for s in systems.values()}
     if len(n) != 1:
         raise ValueError(f"every system must be scored on the same studies; got sizes {sorted(n)}")
     weights = resample_weights(n.pop(), n_resamples, seed)
     names = list(systems)
-    reps = {name: replicates(systems[name], weights) for name in (chunks(names) if chunks else names)}
+    scored = progress(names, "bootstrap resamples", total=len(names) * n_resamples, unit="resamples",
+                      count=lambda _: n_resamples)
+    reps = {name: replicates(systems[name], weights) for name in scored}
     ci = {name: _nest({k: _interval(v, level) for k, v in r.items()}) for name, r in reps.items()}
     paired = {}
     if reference in reps:

@@ -37,9 +37,8 @@ from typing import Any
 
 import numpy as np
 
-from amrg.labels.schema import CHEXPERT_14, COMMON_5, N_LABELS
+from amrg.labels.schema import CHEXPERT_14, COMMON_5, N_LABELS, UNCERTAIN_AS, binarize
 
-UNCERTAIN_AS: tuple[str, ...] = ("negative", "positive")
 LABEL_SETS: dict[str, tuple[str, ...]] = {"all14": CHEXPERT_14, "common5": COMMON_5}
 HEADLINE = "macro"
 _ALLOWED_VALUES = (1.0, 0.0, -1.0)
@@ -118,17 +117,6 @@ def ce_counts(pred: np.ndarray, ref: np.ndarray, uncertain_as: str = "negative",
 def prf(tp, fp, fn) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Precision, recall, F1 of count arrays (any shape), with ``a/0 := 0``."""
     return _prf_arrays(tp, fp, fn)
-
-
-def binarize(labels: np.ndarray, uncertain_as: str = "negative") -> np.ndarray:
-    """Map CheXpert values to booleans: 1 -> True, 0 / NaN -> False, -1 -> ``uncertain_as``."""
-    if uncertain_as not in UNCERTAIN_AS:
-        raise ValueError(f"unknown uncertain_as {uncertain_as!r}; allowed: {', '.join(UNCERTAIN_AS)}")
-    a = np.asarray(labels, dtype=float)
-    out = a == 1.0
-    if uncertain_as == "positive":
-        out |= a == -1.0
-    return out
 
 
 def _as_label_array(x: Any, name: str) -> np.ndarray:

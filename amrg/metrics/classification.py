@@ -1,11 +1,12 @@
-"""Multi-label classification metrics: per-label AUROC, average precision and F1 at 0.5."""
+"""Multi-label classification metrics: per-label AUROC, average precision and F1 at the decision threshold
+(:data:`amrg.labels.schema.DECISION_THRESHOLD`, 0.5)."""
 
 from __future__ import annotations
 
 import numpy as np
 from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 
-from ..labels.schema import CHEXPERT_14
+from ..labels.schema import CHEXPERT_14, DECISION_THRESHOLD
 
 
 def multilabel_metrics(targets: np.ndarray, probs: np.ndarray) -> dict:
@@ -17,7 +18,7 @@ def multilabel_metrics(targets: np.ndarray, probs: np.ndarray) -> dict:
         both = 0 < t.sum() < len(t)
         per[name] = {"auroc": float(roc_auc_score(t, p)) if both else None,
                      "ap": float(average_precision_score(t, p)) if both else None,
-                     "f1": float(f1_score(t, p > 0.5, zero_division=0)), "positives": int(t.sum())}
+                     "f1": float(f1_score(t, p > DECISION_THRESHOLD, zero_division=0)), "positives": int(t.sum())}
     aurocs = [v["auroc"] for v in per.values() if v["auroc"] is not None]
     aps = [v["ap"] for v in per.values() if v["ap"] is not None]
     return {"mean_auroc": float(np.mean(aurocs)) if aurocs else None,

@@ -44,7 +44,8 @@ import shutil
 from importlib import metadata
 from typing import Any
 
-NLG_KEYS: tuple[str, ...] = ("BLEU_1", "BLEU_2", "BLEU_3", "BLEU_4", "METEOR", "ROUGE_L", "CIDEr")
+from .registry import NLG_KEYS
+
 TOKENIZATIONS: tuple[str, ...] = ("r2gen", "ptb")
 _JAVA_FIX = "install a Java runtime >= 8, e.g. apt-get install default-jre-headless, or set meteor=False"
 

@@ -1,0 +1,1 @@
+"""The models: vision encoder, Q-Former classifier, Hopfield memories, LLM, report generator."""

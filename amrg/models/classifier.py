@@ -1,8 +1,8 @@
 """Stage-1 disease classifier (paper III-B): vision encoder -> Q-Former -> one logit per disease query.
 
-Loss (eq. 11 + orthogonality): BCE over the 14 observations + ``ortho_weight`` x
-:func:`~amrg.models.qformer.orthogonality_loss` of the disease queries. The head scores each
-disease from its own query output: ``logit_k = <w_k, F_d[k]> + b_k``.
+Loss (eq. 11, :func:`classifier_loss`): BCE over the 14 observations (``pos_weight`` from
+:func:`positive_weights`) + ``ortho_weight`` x :func:`~amrg.models.qformer.orthogonality_loss` of the
+disease queries. The head scores each disease from its own query output: ``logit_k = <w_k, F_d[k]> + b_k``.
 """
 
 from __future__ import annotations
@@ -57,9 +57,31 @@ class DiseaseClassifier(nn.Module):
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor, ortho_weight: float,
              pos_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-        bce = nn.functional.binary_cross_entropy_with_logits(logits, targets, pos_weight=pos_weight)
-        orth = orthogonality_loss(self.qformer.queries)
-        return bce + ortho_weight * orth, {"bce": bce.item(), "ortho": orth.item()}
+        """eq. 11 on this model's disease queries: see :func:`classifier_loss`."""
+        return classifier_loss(logits, targets, self.qformer.queries, ortho_weight, pos_weight)
+
+
+def classifier_loss(logits: torch.Tensor, targets: torch.Tensor, queries: torch.Tensor, ortho_weight: float,
+                    pos_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """eq. 11: ``L = BCE(logits, targets; pos_weight) + ortho_weight * L_orth(queries)``.
+
+    The BCE with logits is the mean over every (image, disease) entry of
+    ``-(p_k y log σ(x) + (1 - y) log(1 - σ(x)))`` with ``p_k = pos_weight[k]`` (1 when ``None``);
+    ``L_orth`` is :func:`~amrg.models.qformer.orthogonality_loss` of the disease queries ``(14, D)``.
+    Returns the loss and its two terms as floats (``{"bce": ..., "ortho": ...}``).
+    """
+    bce = nn.functional.binary_cross_entropy_with_logits(logits, targets, pos_weight=pos_weight)
+    orth = orthogonality_loss(queries)
+    return bce + ortho_weight * orth, {"bce": bce.item(), "ortho": orth.item()}
+
+
+def positive_weights(targets: torch.Tensor, cap: float) -> torch.Tensor:
+    """eq. 11's BCE ``pos_weight`` per disease: ``(n - pos_k) / max(pos_k, 1)``, clamped at ``cap``.
+
+    ``targets`` are binarised ``(n, 14)``; a disease with no positive gets ``min(n, cap)``.
+    """
+    pos = targets.sum(0)
+    return ((targets.shape[0] - pos) / pos.clamp(min=1)).clamp(max=cap)
 
 
 def binarise_targets(labels: torch.Tensor, uncertain_as: str) -> torch.Tensor:

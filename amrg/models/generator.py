@@ -10,10 +10,69 @@ F_d projected), enhanced tokens F' = per disease [V-Hopfield(F_d[k]), R-Hopfield
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
 import torch
 from torch import nn
 
 from .hopfield import HopfieldRetrieval
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def llm_dtype(llm, precision: str, device: torch.device) -> str:
+    """The LLM's weight dtype (the dtype policy): a frozen or LoRA-adapted LLM is held in bf16 when the
+    run uses bf16 on CUDA (a 7B base in fp32 would need ~28 GB); a fully trained LM stays fp32 (its
+    optimizer updates need full-precision weights), as does everything on CPU."""
+    return "bf16" if precision == "bf16" and device.type == "cuda" and llm.trainable != "full" else "fp32"
+
+
+@dataclass(frozen=True)
+class GeneratorSpec:
+    """Everything needed to rebuild a trained generator besides its weights and banks (written to
+    ``generator/config.json``): the LLM section, the Hopfield memories and their index, the prompt,
+    the visual pooling, the input widths and the LLM's weight dtype."""
+
+    llm: "Llm"
+    hopfield: "Hopfield"
+    index: "BankIndex"
+    prompt: str
+    visual_pool: int
+    visual_dim: int
+    query_dim: int
+    dtype: str = "fp32"  # the LLM's weight dtype: fp32 | bf16 (llm_dtype)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GeneratorSpec":
+        from ..config import BankIndex, Hopfield, Llm
+
+        return cls(**{**d, "llm": Llm(**d["llm"]), "hopfield": Hopfield(**d["hopfield"]),
+                      "index": BankIndex(**d["index"])})
+
+
+def create_generator(spec: GeneratorSpec, visual_bank: torch.Tensor | None, report_bank: torch.Tensor | None, *,
+                     train_texts: list[str] | None = None, saved: Path | None = None) -> "ReportGenerator":
+    """The one generator factory. For training pass ``train_texts`` (a scratch LM's tokenizer is trained
+    on them); to rebuild a trained run pass ``saved`` (its generator directory) and load the weights
+    with :meth:`ReportGenerator.load_trainable`. The banks are the switched-on memories (None: off)."""
+    from .llm import create_llm
+
+    llm, tokenizer = create_llm(spec.llm, DTYPES[spec.dtype], train_texts=train_texts, prompt=spec.prompt, saved=saved)
+    return ReportGenerator(llm, tokenizer, spec.visual_dim, spec.query_dim, visual_bank, report_bank, spec.hopfield,
+                           spec.prompt, dataclasses.asdict(spec.index))
+
+
+def enhanced_tokens(v_hopfield: nn.Module | None, r_hopfield: nn.Module | None,
+                    disease_features: torch.Tensor) -> torch.Tensor | None:
+    """eq. 8-9: per disease k the rows [f*_v,k, f*_r,k] of the V- and R-Hopfield retrievals of the
+    disease feature F_d[k], ``(B, 14 * n_on, hidden)`` (None when both memories are off)."""
+    enhanced = [h(disease_features) for h in (v_hopfield, r_hopfield) if h is not None]
+    return torch.stack(enhanced, dim=2).flatten(1, 2) if enhanced else None
 
 
 class ReportGenerator(nn.Module):
@@ -38,14 +97,14 @@ class ReportGenerator(nn.Module):
         """[F, Q, F', prompt, BOS] as embeddings ``(B, P, hidden)`` (eq. 10)."""
         b = visual_tokens.shape[0]
         parts = [self.proj_visual(visual_tokens), self.proj_query(disease_features)]
-        enhanced = [h(disease_features) for h in (self.v_hopfield, self.r_hopfield) if h is not None]
-        if enhanced:  # eq. 8-9: per disease k the rows [f*_v,k, f*_r,k]
-            parts.append(torch.stack(enhanced, dim=2).flatten(1, 2))
+        if (enhanced := enhanced_tokens(self.v_hopfield, self.r_hopfield, disease_features)) is not None:
+            parts.append(enhanced)
         parts.append(self.embed(self.prompt_ids).unsqueeze(0).expand(b, -1, -1))
         return torch.cat([p.to(parts[-1].dtype) for p in parts], dim=1)
 
     def forward(self, visual_tokens, disease_features, report_ids, report_mask) -> torch.Tensor:
-        """Mean next-token loss over report tokens (``report_ids`` end with EOS, no BOS)."""
+        """eq. 12: mean next-token loss over the report tokens only (``report_ids`` end with EOS, no
+        BOS); prefix and prompt positions carry no loss."""
         prefix = self.prefix(visual_tokens, disease_features)
         embeds = torch.cat([prefix, self.embed(report_ids)], dim=1)
         ones = torch.ones(prefix.shape[:2], dtype=report_mask.dtype, device=report_mask.device)

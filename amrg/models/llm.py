@@ -44,15 +44,22 @@ def scratch_config(cfg, vocab_size: int, tokenizer) -> LlamaConfig:
                        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
 
 
-def build_llm(cfg, train_texts: list[str] | None = None, prompt: str = "", dtype: torch.dtype = torch.float32):
-    """Create (model, tokenizer) for training. ``cfg`` is :class:`amrg.config.Llm`."""
-    if cfg.source == "scratch":
-        if not train_texts:
-            raise ValueError("llm.source=scratch needs the training reports to build its tokenizer")
+def create_llm(cfg, dtype: torch.dtype = torch.float32, *, train_texts: list[str] | None = None, prompt: str = "",
+               saved: Path | None = None):
+    """The one LLM factory: (model, tokenizer) for ``cfg`` (:class:`amrg.config.Llm`), frozen or
+    LoRA-wrapped as ``cfg.trainable`` says. A pretrained LM (HF id or local dir) loads in ``dtype``;
+    a scratch LM is built from the tokenizer and config saved in ``saved`` (a trained generator
+    directory, see :func:`save_llm`), or, for training, with a tokenizer trained on ``train_texts``."""
+    if cfg.source == "pretrained":
+        model, tokenizer = _load_pretrained(cfg.name, dtype)
+    elif saved is not None:
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(saved / "tokenizer")
+        model = LlamaForCausalLM(LlamaConfig.from_dict(json.loads((saved / "llm_config.json").read_text())))
+    elif train_texts:
         tokenizer = train_word_tokenizer(list(train_texts) + [prompt] * cfg.min_word_freq, cfg.min_word_freq)
         model = LlamaForCausalLM(scratch_config(cfg, len(tokenizer), tokenizer))
     else:
-        model, tokenizer = _load_pretrained(cfg.name, dtype)
+        raise ValueError("llm.source=scratch needs the training reports to build its tokenizer")
     return _set_trainable(model, cfg), tokenizer
 
 
@@ -79,9 +86,10 @@ def _set_trainable(model, cfg):
     return model
 
 
-def save_llm_spec(out_dir: Path, cfg, model, tokenizer) -> None:
+def save_llm(out_dir: Path, cfg, model, tokenizer) -> None:
     """Save what rebuilding the LLM needs besides trainable weights: the tokenizer and config of a
-    scratch LM, or only the reference of a pretrained one (a 7B base is never copied)."""
+    scratch LM, or nothing for a pretrained one (its reference is in the generator spec; a 7B base is
+    never copied)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.source == "scratch":
         tmp = Path(tempfile.mkdtemp(prefix=".tokenizer.", dir=out_dir))  # saved whole, then renamed in place
@@ -89,18 +97,3 @@ def save_llm_spec(out_dir: Path, cfg, model, tokenizer) -> None:
         shutil.rmtree(out_dir / "tokenizer", ignore_errors=True)
         tmp.rename(out_dir / "tokenizer")
         write_text(out_dir / "llm_config.json", json.dumps(model.config.to_dict(), indent=1))
-
-
-def load_llm(gen_dir: Path, cfg, dtype: torch.dtype = torch.float32):
-    """Rebuild the (model, tokenizer) of a trained generator directory; weights come separately.
-    ``cfg`` is the ``llm`` section saved in the generator's config.json."""
-    from ..config import Llm
-
-    cfg = Llm(**cfg)
-    if cfg.source == "scratch":
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(gen_dir / "tokenizer")
-        config = LlamaConfig.from_dict(json.loads((gen_dir / "llm_config.json").read_text()))
-        model = LlamaForCausalLM(config)
-    else:
-        model, tokenizer = _load_pretrained(cfg.name, dtype)
-    return _set_trainable(model, cfg), tokenizer

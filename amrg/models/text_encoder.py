@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from transformers import AutoModel, AutoTokenizer
 
+from ..io import progress
 from .hub import resolve_model_ref
 
 
@@ -25,7 +26,9 @@ class SentenceEncoder:
     def encode(self, sentences: list[str], batch_size: int = 128) -> np.ndarray:
         order = np.argsort([len(s) for s in sentences], kind="stable")
         out = np.zeros((len(sentences), self.dim), dtype=np.float32)
-        for start in range(0, len(sentences), batch_size):
+        starts = range(0, len(sentences), batch_size)
+        for start in progress(starts, "encode sentences", total=len(sentences), unit="sentences",
+                              count=lambda s: min(batch_size, len(sentences) - s)):
             idx = order[start:start + batch_size]
             enc = self.tokenizer([sentences[i] for i in idx], padding=True, truncation=True,
                                  max_length=self.max_length, return_tensors="pt").to(self.device)

@@ -1,0 +1,196 @@
+"""Scoring a test split (paper IV): the systems, their scores and CIs, the result files, the report page.
+
+    systems = baseline_systems(hyps, train_reports, train_fd, test_fd, ref_labels, labeler, uncertain_as)
+    scores = score_systems(refs, systems, ref_labels, labeler, ev, seed)   # NLG + CE + paired bootstrap
+    result = build_result(scores, ev, seed, phantom=..., n_test=..., ...)   # -> eval/metrics.json
+    details = build_details(scores, classifier_test, sample_ids)            # -> eval/details.json
+
+Every system (the model and the baselines of :mod:`amrg.baselines`) is labelled with the same labeler
+as the references and scored by the same functions; metric names come from :mod:`amrg.metrics.registry`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .baselines import most_frequent_report, nearest_neighbour_reports, oracle_reports
+from .labels import count_empty
+from .labels.schema import CHEXPERT_14, NO_FINDING
+from .layout import PHANTOM_FLAG
+from .metrics import ce_scores, nlg_scores, registry
+from .metrics.bootstrap import SystemStats, bootstrap_ci, ce_stats, method, nlg_stats
+from .metrics.nlg import java_problem, prepare_texts, protocol
+
+Labeler = Callable[[list[str]], np.ndarray]
+
+
+def check_java(ev) -> None:
+    """Fail before any compute when METEOR / PTB would need a Java that is not there."""
+    if problem := java_problem(ev.nlg_tokenization, ev.meteor):
+        raise SystemExit(f"evaluate: {problem} (params.yaml: `evaluate.meteor: false` and "
+                         "`evaluate.nlg_tokenization: r2gen` score without Java)")
+
+
+@dataclass
+class SystemScores:
+    texts: list[str]  # the system's reports, in test-study order
+    scores: dict  # NLG scores + "ce" (ce_scores)
+    labels: np.ndarray  # (S, 14) labels of the system's reports
+    stats: SystemStats | None  # per-study statistics the bootstrap resamples (None without bootstrap)
+
+
+@dataclass
+class Scores:
+    systems: dict[str, SystemScores]  # "model" first, then the baselines
+    bootstrap: dict | None  # bootstrap_ci(...): {"ci": ..., "paired": ...}
+
+
+def baseline_systems(hyps: list[str], train_reports: list[str], train_fd: torch.Tensor, test_fd: torch.Tensor,
+                     ref_labels: np.ndarray, labeler: Labeler, uncertain_as: str) -> dict[str, list[str]]:
+    """The model's reports and the three baselines' (most frequent, nearest neighbour, oracle template)."""
+    return {"model": hyps,
+            "most_frequent": [most_frequent_report(train_reports)] * len(hyps),
+            "nearest_neighbour": nearest_neighbour_reports(train_fd, train_reports, test_fd),
+            "oracle_template": oracle_reports(ref_labels, train_reports, labeler, uncertain_as)}
+
+
+def score_systems(refs: list[str], systems: dict[str, list[str]], ref_labels: np.ndarray, labeler: Labeler,
+                  ev, seed: int) -> Scores:
+    """NLG + CE of every system under ``ev`` (:class:`amrg.config.Evaluate`), and ``ev.bootstrap``
+    paired resamples of the test studies for 95% CIs (none when 0)."""
+    out = {}
+    for name, hyps in systems.items():
+        hyp_labels = labeler(hyps)
+        ce = ce_scores(hyp_labels, ref_labels, uncertain_as=ev.ce_uncertain_as, labels=ev.ce_labels)
+        scores = {**nlg_scores(refs, hyps, tokenization=ev.nlg_tokenization, meteor=ev.meteor), "ce": ce}
+        stats = SystemStats(nlg_stats(*prepare_texts(refs, hyps, ev.nlg_tokenization)),
+                            ce_stats(hyp_labels, ref_labels, ev.ce_uncertain_as, ev.ce_labels)) if ev.bootstrap else None
+        out[name] = SystemScores(hyps, scores, hyp_labels, stats)
+    boot = bootstrap_ci({k: v.stats for k, v in out.items()}, ev.bootstrap, seed) if ev.bootstrap else None
+    return Scores(out, boot)
+
+
+def _headline(s: dict) -> dict:
+    """A system's scores without the per-label CE and the convention (those go to details.json)."""
+    return {**{k: v for k, v in s.items() if k != "ce"},
+            "ce": {k: v for k, v in s["ce"].items() if k not in ("per_label", "convention", "headline")}}
+
+
+def build_result(scores: Scores, ev, seed: int, *, phantom: bool, n_test: int, classifier_test: dict,
+                 timings: dict) -> dict:
+    """``eval/metrics.json``: headline scores of the model and baselines, 95% CIs, protocol, convention."""
+    model = scores.systems["model"]
+    return {
+        PHANTOM_FLAG: phantom,
+        "note": "scores on PHANTOM images drawn from the labels; not comparable with real-image results"
+        if phantom else "real images",
+        "n_test": n_test,
+        "empty_generated": count_empty(model.texts),  # scored as all-negative reports, counted here
+        "nlg_protocol": protocol(ev.nlg_tokenization, ev.meteor),
+        "ce_convention": {k: v for k, v in model.scores["ce"]["convention"].items() if k != "label_names"},
+        "ci_method": method(ev.bootstrap, seed) if scores.bootstrap else None,
+        "model": _headline(model.scores),
+        "baselines": {name: _headline(s.scores) for name, s in scores.systems.items() if name != "model"},
+        "ci95": scores.bootstrap["ci"] if scores.bootstrap else None,
+        "classifier_test": {"mean_auroc": classifier_test["mean_auroc"], "mean_ap": classifier_test["mean_ap"]},
+        **timings,
+    }
+
+
+def build_details(scores: Scores, classifier_test: dict, sample_ids: list[str]) -> dict:
+    """``eval/details.json``: per-label CE of every system, paired differences, per-label AUROC."""
+    return {"ce_per_label": per_label(scores),
+            "ce_label_names": scores.systems["model"].scores["ce"]["convention"]["label_names"],
+            "paired_differences": scores.bootstrap["paired"] if scores.bootstrap else None,
+            "classifier_test_per_label": classifier_test["per_label"],
+            "report_samples": sample_ids}
+
+
+def per_label(scores: Scores) -> dict[str, dict]:
+    return {name: s.scores["ce"]["per_label"] for name, s in scores.systems.items()}
+
+
+def pick_samples(ref_labels: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """``k`` test rows for the report, half with a reference finding (a positive other than No Finding)."""
+    rng = np.random.default_rng(seed)
+    finding = np.flatnonzero((np.delete(np.nan_to_num(ref_labels), NO_FINDING, axis=1) == 1).any(1))
+    other = np.setdiff1d(np.arange(len(ref_labels)), finding)
+    a = rng.choice(finding, min(len(finding), (k + 1) // 2), replace=False)
+    b = rng.choice(other, min(len(other), k - len(a)), replace=False)
+    return np.sort(np.concatenate([a, b]).astype(int))
+
+
+@dataclass
+class TestSet:
+    """The test studies as evaluate holds them: ids, reference reports and labels, view rows into ``pixels``."""
+
+    ids: list[str]
+    refs: list[str]
+    ref_labels: np.ndarray  # (S, 14)
+    view_rows: np.ndarray  # (S, N_VIEWS) rows of pixels
+    pixels: torch.Tensor  # uint8 (N, H, W)
+
+
+def report_samples(run, test: TestSet, rows: np.ndarray, study_probs: np.ndarray, hyps: list[str],
+                   hyp_labels: np.ndarray, labeler: Labeler, cam, uncertain_as: str, batch_size: int) -> list:
+    """Samples for report.html: both views, CAM overlays of up to MAX_CAMS predicted diseases
+    (:meth:`amrg.inference.Run.explain`), and the two reports with their labels."""
+    from .cam import heat_overlay
+    from .inference import predicted
+    from .report_html import Sample, positive_labels, sentence_findings
+
+    texts = sentence_findings([test.refs[i] for i in rows] + [hyps[i] for i in rows], labeler, uncertain_as)
+    cams = run.explain(test.pixels, test.view_rows[rows], study_probs[rows], cam, batch_size)
+    out = []
+    for j, i in enumerate(rows):
+        views = list(dict.fromkeys(test.view_rows[i].tolist()))
+        sample = Sample(test.ids[i], [test.pixels[r].numpy() for r in views], texts[j], texts[len(rows) + j],
+                        positive_labels(test.ref_labels[i], uncertain_as), positive_labels(hyp_labels[i], uncertain_as),
+                        [(CHEXPERT_14[d], p) for d, p in predicted(study_probs[i])])
+        for c in cams[j]:
+            sample.overlays.append((f"{c['label']}, view {views.index(c['image'])}: {c['where']}",
+                                    heat_overlay(test.pixels[c['image']].numpy(), c["map"])))
+        out.append(sample)
+    return out
+
+
+def _half(interval: dict | None) -> str:
+    return f"±{(interval['hi'] - interval['lo']) / 2:.3f}" if interval else ""
+
+
+def headline_table(result: dict) -> list[dict[str, str]]:
+    """One row per system (model first, then baselines), the registry's headline metrics as columns,
+    each ``value±half-width of the 95% CI`` where the run has CIs: the one compact table of a run."""
+    from .config import get_dotted
+
+    ci = result.get("ci95") or {}
+    rows = []
+    for name, scores in [("model", result["model"]), *result.get("baselines", {}).items()]:
+        row = {"system": name}
+        for key in registry.HEADLINE:
+            v = get_dotted(scores, key)
+            row[registry.label(key)] = "-" if v is None else f"{v:.3f}{_half(get_dotted(ci.get(name, {}), key))}"
+        rows.append(row)
+    return rows
+
+
+def summary(result: dict, report_path) -> str:
+    """The console summary of an evaluation: the headline table, the CE convention and the CI method."""
+    rows = headline_table(result)
+    cols = list(rows[0])
+    width = {c: max(len(c), *(len(r[c]) for r in rows)) for c in cols}
+    lines = [("PHANTOM IMAGES: " if result[PHANTOM_FLAG] else "") + f"test studies: {result['n_test']}",
+             "  ".join(c.ljust(width[c]) if c == "system" else c.rjust(width[c]) for c in cols)]
+    lines += ["  ".join(r[c].ljust(width[c]) if c == "system" else r[c].rjust(width[c]) for c in cols) for r in rows]
+    conv = result["ce_convention"]
+    lines.append(f"CE headline: {conv['headline']}; labels {conv['labels']}, uncertain as {conv['uncertain_as']}")
+    if result.get("ci_method"):
+        lines.append(f"± half-width of the 95% paired bootstrap CI, {result['ci_method']['resamples']} resamples "
+                     "of the test studies (METEOR has none)")
+    lines.append(f"classifier test mean AUROC: {result['classifier_test']['mean_auroc']:.3f}")
+    lines.append(f"report: {report_path}")
+    return "\n".join(lines)

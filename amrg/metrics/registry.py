@@ -1,0 +1,25 @@
+"""The one registry of metric names: what each score is called in metrics.json and what people call it.
+
+Every table, CI, sweep comparison and flow artifact takes its keys from here, so a metric is named in
+one place. Keys are dotted paths inside one system's scores (``ce.f1`` is ``scores["ce"]["f1"]``).
+"""
+
+from __future__ import annotations
+
+# NLG scores as pycocoevalcap names them (R2Gen protocol); METEOR has no bootstrap CI
+NLG_KEYS: tuple[str, ...] = ("BLEU_1", "BLEU_2", "BLEU_3", "BLEU_4", "METEOR", "ROUGE_L", "CIDEr")
+NLG_CI_KEYS: tuple[str, ...] = tuple(k for k in NLG_KEYS if k != "METEOR")
+# clinical efficacy: the headline averaging's precision / recall / F1
+CE_KEYS: tuple[str, ...] = ("precision", "recall", "f1")
+
+LABELS: dict[str, str] = {
+    "BLEU_1": "BLEU-1", "BLEU_2": "BLEU-2", "BLEU_3": "BLEU-3", "BLEU_4": "BLEU-4", "METEOR": "METEOR",
+    "ROUGE_L": "ROUGE-L", "CIDEr": "CIDEr", "ce.precision": "CE P", "ce.recall": "CE R", "ce.f1": "CE F1",
+}
+# the compact headline table (flow artifact, console summary, sweep comparison, `amrg show`)
+HEADLINE: tuple[str, ...] = ("BLEU_1", "BLEU_4", "METEOR", "ROUGE_L", "CIDEr", "ce.precision", "ce.recall", "ce.f1")
+
+
+def label(key: str) -> str:
+    """Display name of a metric key (``ce.f1`` -> ``CE F1``)."""
+    return LABELS.get(key, key)
