@@ -1,24 +1,21 @@
-"""``amrg`` command: check params, generate reports for new images, show the state of a workspace.
+"""``amrg`` command: check params, generate reports for new images. (The state of a DVC workspace:
+``python -m flows.show``; the library knows no DVC.)
 
     amrg check    [--params params.yaml]     validate every key before running anything
     amrg generate IMAGE [IMAGE ...] [--run artifacts] [--params FILE] [--device auto] [--study]
                   [--cam-dir DIR] [--json]   report, predicted labels and where CAM points, per image
                                              (--study: the images are the views of one study); decode
                                              and CAM settings are the run's own (its eval/params.json)
-    amrg show     [--params params.yaml] [--run artifacts]
-                                             params hash, data version, stage status (dvc) and metrics
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import subprocess
 import sys
 from pathlib import Path
 
-from .config import Params, ParamsError, load_params, to_dict
+from .config import Params, ParamsError, load_params
 from .labels.schema import DECISION_THRESHOLD
 
 def _check(args) -> int:
@@ -136,96 +133,10 @@ def _generate(args) -> int:
     return 0
 
 
-# ---------------------------------------------------------------------------------------------- show
-def _md5(path: Path) -> str:
-    return hashlib.md5(path.read_bytes()).hexdigest() if path.is_file() else "missing"
-
-
-def _locked_md5(dep: str) -> str | None:
-    import yaml
-
-    lock = Path("dvc.lock")
-    if not lock.is_file():
-        return None
-    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
-    return next((d.get("md5") for s in stages.values() for d in s.get("deps", []) if d.get("path") == dep), None)
-
-
-def _stage_status() -> list[str]:
-    """One line per dvc.yaml stage from ``dvc status --json``."""
-    import yaml
-
-    p = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], capture_output=True, text=True)
-    if p.returncode != 0:
-        return [f"  dvc status failed: {(p.stderr or p.stdout).strip().splitlines()[-1:]}"]
-    status = json.loads(p.stdout or "{}")
-    names = list((yaml.safe_load(Path("dvc.yaml").read_text()) or {}).get("stages", {})) if Path("dvc.yaml").is_file() else list(status)
-    lines = []
-    for name in names:
-        what = []
-        for entry in status.get(name, []):
-            if isinstance(entry, str):
-                what.append(entry)
-                continue
-            for kind, changed in entry.items():
-                items = [f"{k}" + (f" ({', '.join(v)})" if isinstance(v, dict) else "") for k, v in changed.items()]
-                what.append(f"{kind}: {', '.join(items)}")
-        lines.append(f"  {name:20} {'; '.join(what) if what else 'up to date'}")
-    return lines
-
-
-def _show(args) -> int:
-    try:
-        params = load_params(args.params)
-    except ParamsError as e:
-        print(e, file=sys.stderr)
-        return 2
-    canon = hashlib.sha256(json.dumps(to_dict(params), sort_keys=True).encode()).hexdigest()[:12]
-    git = subprocess.run(["git", "log", "-1", "--format=%h %s"], capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True).stdout.splitlines()
-    print(f"commit   {git or '(no git commit)'}" + (f"  [{len(dirty)} uncommitted changes]" if dirty else ""))
-    print(f"params   {args.params}  sha256 {canon} (of the validated values)")
-    ann = params.data.annotation
-    now, locked = _md5(Path(ann)), _locked_md5(ann)
-    state = "" if locked is None else ("  = dvc.lock" if locked == now else f"  != dvc.lock {locked[:8]} (rerun preprocess)")
-    images = "PHANTOM (drawn from the labels)" if params.data.images_dir is None else params.data.images_dir
-    print(f"data     {params.data.dataset}: {ann} md5 {now[:8]}{state}; images {images}")
-    stats = Path(args.run) / "preprocess" / "stats.json"
-    if stats.is_file():
-        st = json.loads(stats.read_text())
-        print(f"         studies {st['studies']}, skipped {st.get('skipped', 0)}")
-    print("stages   (dvc status)")
-    print("\n".join(_stage_status()))
-    metrics = Path(args.run) / "eval" / "metrics.json"
-    if not metrics.is_file():
-        print("metrics  no evaluation yet: run `dvc repro` (or `dvc repro evaluate`)")
-        return 0
-    m = json.loads(metrics.read_text())
-    ci = m.get("ci95") or {}
-    print("metrics  " + ("PHANTOM IMAGES, " if m.get("phantom_images") else "") + f"{m['n_test']} test studies"
-          + (", ± half-width of the 95% bootstrap CI" if ci else ""))
-    keys = [("BLEU_4", "BLEU-4"), ("METEOR", "METEOR"), ("ROUGE_L", "ROUGE-L"), ("CIDEr", "CIDEr"), ("ce.f1", "CE F1")]
-    print(f"  {'':18}" + "".join(f"{lab:>13}" for _, lab in keys))
-    for name, r in [("model", m["model"])] + list(m.get("baselines", {}).items()):
-        cells = []
-        for k, _ in keys:
-            v = r["ce"]["f1"] if k == "ce.f1" else r.get(k)
-            c = (ci.get(name, {}).get("ce", {}).get("f1") if k == "ce.f1" else ci.get(name, {}).get(k))
-            txt = "-" if v is None else f"{v:.3f}" + (f"±{(c['hi'] - c['lo']) / 2:.3f}" if c else "")
-            cells.append(f"{txt:>13}")
-        print(f"  {name:18}" + "".join(cells))
-    if (conv := m.get("ce_convention")):
-        print(f"  CE: {conv.get('headline', '')}")
-    if Path(args.run, "eval", "report.html").is_file():
-        print(f"  report: {Path(args.run, 'eval', 'report.html')}")
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="amrg", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for name, fn, helptext in (("check", _check, "validate params"), ("show", _show, "state of this workspace"),
-                               ("generate", _generate, "reports for new images")):
+    for name, fn, helptext in (("check", _check, "validate params"), ("generate", _generate, "reports for new images")):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--params", default=None if name == "generate" else "params.yaml",
                        help="params file (generate: default the run's own, written by its evaluate stage)")

@@ -19,7 +19,7 @@ import torch
 
 from .baselines import most_frequent_report, nearest_neighbour_reports, oracle_reports
 from .labels import count_empty
-from .labels.schema import CHEXPERT_14, NO_FINDING
+from .labels.schema import CHEXPERT_14, NO_FINDING, binarize
 from .layout import PHANTOM_FLAG
 from .metrics import ce_scores, nlg_scores, registry
 from .metrics.bootstrap import SystemStats, bootstrap_ci, ce_stats, method, nlg_stats
@@ -117,7 +117,7 @@ def per_label(scores: Scores) -> dict[str, dict]:
 def pick_samples(ref_labels: np.ndarray, k: int, seed: int) -> np.ndarray:
     """``k`` test rows for the report, half with a reference finding (a positive other than No Finding)."""
     rng = np.random.default_rng(seed)
-    finding = np.flatnonzero((np.delete(np.nan_to_num(ref_labels), NO_FINDING, axis=1) == 1).any(1))
+    finding = np.flatnonzero(np.delete(binarize(ref_labels), NO_FINDING, axis=1).any(1))
     other = np.setdiff1d(np.arange(len(ref_labels)), finding)
     a = rng.choice(finding, min(len(finding), (k + 1) // 2), replace=False)
     b = rng.choice(other, min(len(other), k - len(a)), replace=False)
@@ -125,7 +125,7 @@ def pick_samples(ref_labels: np.ndarray, k: int, seed: int) -> np.ndarray:
 
 
 @dataclass
-class TestSet:
+class TestSplit:
     """The test studies as evaluate holds them: ids, reference reports and labels, view rows into ``pixels``."""
 
     ids: list[str]
@@ -135,7 +135,7 @@ class TestSet:
     pixels: torch.Tensor  # uint8 (N, H, W)
 
 
-def report_samples(run, test: TestSet, rows: np.ndarray, study_probs: np.ndarray, hyps: list[str],
+def report_samples(run, test: TestSplit, rows: np.ndarray, study_probs: np.ndarray, hyps: list[str],
                    hyp_labels: np.ndarray, labeler: Labeler, cam, uncertain_as: str, batch_size: int) -> list:
     """Samples for report.html: both views, CAM overlays of up to MAX_CAMS predicted diseases
     (:meth:`amrg.inference.Run.explain`), and the two reports with their labels."""
@@ -156,6 +156,36 @@ def report_samples(run, test: TestSet, rows: np.ndarray, study_probs: np.ndarray
                                     heat_overlay(test.pixels[c['image']].numpy(), c["map"])))
         out.append(sample)
     return out
+
+
+def phantom_localisation(run, test: TestSplit, views: np.ndarray, seed: int, method: str, batch_size: int) -> dict:
+    """Where the truth is known (phantom images, :mod:`amrg.data.phantoms`): for every test image and every
+    finding drawn on it, the classifier's ``method`` CAM of that disease against the drawn region. The
+    pointing-game hit rate (:func:`amrg.cam.pointing_game`) and the mean lift of CAM mass inside the
+    region over chance (:func:`amrg.cam.cam_hit`: 1 is a uniform map), per disease and over all pairs.
+    ``views[r]`` is image row r's view index (the drawing's view is ``views[r] % 2``)."""
+    from .cam import cam_hit, pointing_game
+    from .data.phantoms import phantom_regions, phantom_seed
+
+    size = int(test.pixels.shape[-1])
+    pairs = []  # (image row, disease, region)
+    for s, rows in enumerate(test.view_rows):
+        for r in dict.fromkeys(int(x) for x in rows):
+            drawn = phantom_regions(test.ref_labels[s], int(views[r]) % 2, size, phantom_seed(test.ids[s], seed))
+            pairs += [(r, CHEXPERT_14.index(name), region) for name, region in drawn.items() if region.any()]
+    maps = run.cams(test.pixels[[r for r, _, _ in pairs]], [d for _, d, _ in pairs], method, batch_size)
+    per: dict[str, dict[str, list]] = {}
+    for (_, d, region), m in zip(pairs, maps):
+        p = per.setdefault(CHEXPERT_14[d], {"hit": [], "lift": []})
+        p["hit"].append(pointing_game(m, region))
+        p["lift"].append(cam_hit(m, region)["lift"])
+    hits = [h for p in per.values() for h in p["hit"]]
+    lifts = [v for p in per.values() for v in p["lift"]]
+    return {"method": method, "pairs": len(pairs),
+            "pointing_game": float(np.mean(hits)) if hits else None,
+            "mean_lift": float(np.mean(lifts)) if lifts else None,
+            "per_disease": {n: {"pairs": len(p["hit"]), "pointing_game": float(np.mean(p["hit"])),
+                                "mean_lift": float(np.mean(p["lift"]))} for n, p in per.items()}}
 
 
 def _half(interval: dict | None) -> str:

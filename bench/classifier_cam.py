@@ -11,7 +11,7 @@
 3. With a finished pipeline (``--artifacts``, default ``artifacts`` if it exists) whose images are
    phantoms: per-disease CAM localisation of the trained classifier on the TEST split, against
    :func:`amrg.data.phantoms.phantom_regions` redrawn with the preprocess stage's seeds
-   (``zlib.crc32(study_id) ^ runtime.seed``, view = image view % 2). A few images are redrawn first and
+   (:func:`amrg.data.phantoms.phantom_seed`, view = image view % 2). A few images are redrawn first and
    must equal the stored bytes. Per disease: (image, disease) pairs with label 1, mean region area,
    mean lift (CAM mass in region / area; 1 = chance), the lift of a disease-agnostic spatial prior
    (the view's mean CAM over all pairs) in the same regions, hit rate (lift > 1), pointing game
@@ -31,7 +31,6 @@ import json
 import statistics
 import sys
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -164,7 +163,7 @@ def throughput(a, device: torch.device) -> None:
 
 
 def localisation(a, device: torch.device, art: Path) -> None:
-    from amrg.data.phantoms import draw_phantom, phantom_regions
+    from amrg.data.phantoms import draw_phantom, phantom_regions, phantom_seed
     from amrg.data.store import load_images, load_studies, pack_masks, unpack_masks
     from amrg.io import read_json
     from amrg.models.load import load_classifier
@@ -186,7 +185,7 @@ def localisation(a, device: torch.device, art: Path) -> None:
     test = np.flatnonzero(images.split == "test")
 
     def seed_of(sid: str) -> int:
-        return zlib.crc32(sid.encode()) ^ seed0
+        return phantom_seed(sid, seed0)
 
     for r in test[:: max(1, len(test) // 4)][:4]:  # the regions are only valid if the images redraw exactly
         sid = images.study_ids[r]

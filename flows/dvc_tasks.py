@@ -157,7 +157,12 @@ def run_dvc(args: list[str], cwd: str | os.PathLike, log: Callable[[str], Any] =
     with _GUARD:
         lock = _WORKSPACE_LOCKS.setdefault(key, threading.Lock())
     cmd = [sys.executable, "-m", "dvc", *args]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # stage commands say `python`: make it this interpreter (the project's venv), in the workspace and
+    # in DVC's temporary experiment copies alike
+    bindir = str(Path(sys.executable).parent)
+    path = os.environ.get("PATH", "")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1",
+           "PATH": path if bindir in path.split(os.pathsep) else os.pathsep.join(filter(None, [bindir, path]))}
     tail: deque[str] = deque(maxlen=tail_lines)
     errors: list[str] = []
     outcomes: dict[str, str] = {}

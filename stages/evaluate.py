@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from amrg.data.store import image_targets, load_images, load_studies
-from amrg.evaluation import (TestSet, baseline_systems, build_details, build_result, check_java, per_label,
-                             pick_samples, report_samples, score_systems, summary)
+from amrg.evaluation import (TestSplit, baseline_systems, build_details, build_result, check_java, per_label,
+                             phantom_localisation, pick_samples, report_samples, score_systems, summary)
 from amrg.inference import MAX_CAMS, load_run, study_probabilities
 from amrg.io import read_json, setup_runtime, write_json, write_parquet, write_text
 from amrg.labels import label
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
         raise ValueError(f"no test studies in {layout.studies}: check data.annotation and data.max_studies")
     pixels = torch.from_numpy(images.pixels.copy())
     ids = [studies.ids[i] for i in test]
-    ts = TestSet(ids, [studies.reports[i] for i in test], studies.labels[test], images.study_views(ids, N_VIEWS), pixels)
+    ts = TestSplit(ids, [studies.reports[i] for i in test], studies.labels[test], images.study_views(ids, N_VIEWS), pixels)
 
     test_imgs = np.flatnonzero(images.split == "test")
     img_probs = run.probabilities(pixels, test_imgs, ev.batch_size)
@@ -65,6 +65,12 @@ def main(argv: list[str] | None = None) -> None:
                "scoring_seconds": score_timer()}
     result = build_result(scores, ev, seed, phantom=layout.is_phantom(), n_test=len(test), classifier_test=cls_test,
                           timings=timings)
+    if layout.is_phantom():  # the drawn findings are the ground truth of where CAM should point
+        loc_timer = Timer()
+        localisation = phantom_localisation(run, ts, images.views, read_json(layout.params("preprocess"))["runtime"]["seed"],
+                                            params.cam.method, ev.batch_size)
+        result["cam_localisation"] = {k: v for k, v in localisation.items() if k != "per_disease"}
+        result["cam_localisation_seconds"] = loc_timer()
 
     report_timer = Timer()
     picked = pick_samples(ts.ref_labels, ev.report_samples, seed) if ev.report_samples else np.zeros(0, int)
@@ -77,7 +83,8 @@ def main(argv: list[str] | None = None) -> None:
                                           auroc=cls_test["per_label"], notes=[note], title="amrg evaluation: test split"))
     result["report_seconds"], result["seconds"] = report_timer(), timer()
     write_json(out / "metrics.json", result)
-    write_json(out / "details.json", build_details(scores, cls_test, [ids[i] for i in picked]))
+    write_json(out / "details.json", {**build_details(scores, cls_test, [ids[i] for i in picked]),
+                                      "cam_localisation_per_disease": localisation["per_disease"] if layout.is_phantom() else None})
     write_parquet(out / "predictions.parquet", {"id": ids, "reference": ts.refs, "generated": hyps,
                                                 **{f"baseline_{k}": v for k, v in systems.items() if k != "model"}})
     write_resolved(out, decode=params.decode, evaluate=ev, labels=params.labels, cam=params.cam, runtime=params.runtime)

@@ -8,7 +8,7 @@ every skip with its reason).
 
 from __future__ import annotations
 
-import zlib
+import os
 from collections import Counter
 
 import numpy as np
@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from amrg.data.adapters import limit_per_split, load_dataset
 from amrg.data.images import ImageError, decode_many
-from amrg.data.phantoms import PHANTOM_NOTE, draw_phantoms
+from amrg.data.phantoms import PHANTOM_NOTE, draw_phantoms, phantom_seed
 from amrg.data.schema import SPLITS, Skip
 from amrg.data.store import images_table
 from amrg.io import write_json, write_parquet
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     if phantom:  # one seed per study: both views show the same findings in the same place
         jobs = []
         for i, s in enumerate(studies):
-            seed = zlib.crc32(s.id.encode()) ^ params.runtime.seed
+            seed = phantom_seed(s.id, params.runtime.seed)
             for v in range(len(s.image_paths)):
                 jobs.append((labels[i], v % 2, p.image_size, seed))
                 img_ids.append(s.id), img_views.append(v), img_splits.append(s.split)
@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> None:
         pixels = draw_phantoms(jobs, params.runtime.num_threads)
     else:
         refs = [(i, v, path) for i, s in enumerate(studies) for v, path in enumerate(s.image_paths)]
-        decoded = decode_many(p.images_dir, [r[2] for r in refs], p.image_size)
+        workers = params.runtime.num_threads or os.cpu_count() or 1  # decoding threads (0: one per core)
+        decoded = decode_many(p.images_dir, [r[2] for r in refs], p.image_size, workers)
         ok_studies = set()
         for (i, v, path), img in zip(refs, decoded):
             if isinstance(img, ImageError):

@@ -115,8 +115,7 @@ def _params(tmp_path, img_dir, annotation):
 def test_bad_input_matrix(tmp_path, monkeypatch):
     img_dir = _write_dataset(tmp_path)
     params = _params(tmp_path, img_dir, tmp_path / "ann.json")
-    monkeypatch.chdir(tmp_path)
-    preprocess.main(["--params", str(params)])
+    preprocess.main(["--params", str(params), "--artifacts", str(tmp_path / "artifacts")])
     stats = json.loads((tmp_path / "artifacts/preprocess/stats.json").read_text())
 
     kept = sorted(s for s, (_, _, out) in CASES.items() if out.startswith("kept"))
@@ -160,9 +159,8 @@ def test_non_utf8_annotation_is_a_clear_error(tmp_path, monkeypatch):
     ann.write_bytes(json.dumps({"train": [{"id": "a", "report": "X", "image_path": ["a.png"]}]})
                     .encode().replace(b'"X"', b'"caf\xe9 heart"'))  # latin-1 byte: not UTF-8
     params = _params(tmp_path, tmp_path, ann)
-    monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match=r"ann.json is not UTF-8 JSON"):
-        preprocess.main(["--params", str(params)])
+        preprocess.main(["--params", str(params), "--artifacts", str(tmp_path / "artifacts")])
     assert not (tmp_path / "artifacts").exists()
 
 
@@ -205,8 +203,7 @@ def test_report_bank_stage_refuses_non_finite_vectors(tmp_path, monkeypatch):
     params["data"]["max_studies"] = 6
     params["banks"]["report"]["size"] = 10
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    monkeypatch.chdir(tmp_path)
-    preprocess.main(["--params", "params.yaml"])
+    preprocess.main(["--params", str(tmp_path / "params.yaml"), "--artifacts", str(tmp_path / "artifacts")])
 
     def nan_encode(self, sentences, batch_size):
         out = np.ones((len(sentences), 8), np.float32)
@@ -216,7 +213,7 @@ def test_report_bank_stage_refuses_non_finite_vectors(tmp_path, monkeypatch):
     monkeypatch.setattr(text_encoder.SentenceEncoder, "__init__", lambda self, *a, **k: None)
     monkeypatch.setattr(text_encoder.SentenceEncoder, "encode", nan_encode)
     with pytest.raises(FloatingPointError, match="report bank has NaN/inf"):
-        encode_report_bank.main(["--params", "params.yaml"])
+        encode_report_bank.main(["--params", str(tmp_path / "params.yaml"), "--artifacts", str(tmp_path / "artifacts")])
     assert not (tmp_path / "artifacts/banks/report/bank.safetensors").exists()
 
 

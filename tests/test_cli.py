@@ -1,5 +1,6 @@
 """``amrg generate`` on a tiny run built here (random weights, a classifier biased towards Cardiomegaly),
-its error messages, and ``amrg show`` on a synthetic workspace."""
+and its error messages. (The workspace summary that was ``amrg show`` is ``python -m flows.show``,
+tested in a real DVC repo by tests/test_flow_show.py.)"""
 
 from __future__ import annotations
 
@@ -176,22 +177,3 @@ def test_generate_errors(run_dir, images, tmp_path, capsys):
         load_run(Layout(tmp_path / "nothing"), torch.device("cpu"))
     assert Layout(tmp_path).stage_of(tmp_path / "banks" / "report" / "rows.parquet") == "encode_report_bank"
 
-
-def test_show(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    shutil.copy(ROOT / "params.yaml", "params.yaml")
-    assert main(["show"]) == 0  # no dvc repo, no metrics: says what to run
-    out = capsys.readouterr().out
-    assert "params   params.yaml  sha256 " in out and "data     iu_xray" in out and "PHANTOM" in out
-    assert "no evaluation yet: run `dvc repro`" in out
-    scores = {"BLEU_4": 0.1, "METEOR": 0.2, "ROUGE_L": 0.3, "CIDEr": 0.4, "ce": {"f1": 0.5}}
-    ci = {k: {"lo": v - 0.01, "hi": v + 0.03} for k, v in scores.items() if k not in ("ce", "METEOR")}
-    write_json(Path("artifacts/eval/metrics.json"), {
-        "phantom_images": True, "n_test": 7, "model": scores, "baselines": {"most_frequent": scores},
-        "ci95": {"model": {**ci, "ce": {"f1": {"lo": 0.4, "hi": 0.6}}}},
-        "ce_convention": {"headline": "macro average"}})
-    assert main(["show"]) == 0
-    out = capsys.readouterr().out
-    assert "PHANTOM IMAGES, 7 test studies" in out
-    assert "0.100±0.020" in out and "0.500±0.100" in out  # model row with CI half-widths
-    assert "most_frequent" in out and "CE: macro average" in out

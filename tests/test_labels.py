@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from pathlib import Path
 
 import numpy as np
@@ -217,24 +216,20 @@ def test_split_sentences(text, expected):
 IU_ANNOTATION = REPO / "data" / "iu_xray" / "annotation.json"
 
 
-def test_iu_xray_frequencies_and_speed():
+def test_iu_xray_frequencies():
+    """Label frequencies over all IU X-Ray reports fall in plausible ranges (labelling speed: bench/)."""
     data = json.loads(IU_ANNOTATION.read_text())
     reports = [e["report"] for split in ("train", "val", "test") for e in data[split]]
     assert len(reports) == 2955
-    rules._sentence_ranks.cache_clear()
-    rules._report_row.cache_clear()
-    t0 = time.perf_counter()
     arr = label(reports)
-    seconds = time.perf_counter() - t0
     n = len(reports)
-    print(f"\nlabelled {n} IU X-Ray reports in {seconds:.2f} s; empty: {count_empty(reports)}")
+    print(f"\nlabelled {n} IU X-Ray reports; empty: {count_empty(reports)}")
     print(f"{'observation':28s} {'pos':>5s} {'unc':>5s} {'neg':>5s} {'nan':>5s}")
     counts = {}
     for j, name in enumerate(CHEXPERT_14):
         c = arr[:, j]
         counts[name] = (int((c == 1).sum()), int((c == -1).sum()), int((c == 0).sum()), int(np.isnan(c).sum()))
         print(f"{name:28s} {counts[name][0]:5d} {counts[name][1]:5d} {counts[name][2]:5d} {counts[name][3]:5d}")
-    assert seconds < 20
     frac = {k: v[0] / n for k, v in counts.items()}
     assert 0.30 <= frac["No Finding"] <= 0.70
     assert 0.03 <= frac["Cardiomegaly"] <= 0.25

@@ -1,11 +1,9 @@
-"""Phantom radiographs: determinism, visibility and placement of each finding, CTR, strength, speed."""
-
-import time
+"""Phantom radiographs: determinism, visibility and placement of each finding, CTR, strength."""
 
 import numpy as np
 import pytest
 
-from amrg.data.phantoms import PHANTOM_NOTE, draw_phantom, phantom_regions
+from amrg.data.phantoms import draw_phantom, phantom_regions
 from amrg.labels.schema import CHEXPERT_14
 
 DRAWN = CHEXPERT_14[1:]  # "No Finding" is derived, never drawn
@@ -57,10 +55,6 @@ def test_views_differ_and_labels_accept_lists_with_none():
         draw_phantom(np.zeros(5), 0, 64, 1)
     with pytest.raises(ValueError):
         draw_phantom(lab(), 2, 64, 1)
-
-
-def test_note_says_synthetic():
-    assert "synthetic" in PHANTOM_NOTE.lower() and "phantom" in PHANTOM_NOTE.lower()
 
 
 @pytest.mark.parametrize("view", [0, 1])
@@ -150,11 +144,19 @@ def test_uncertain_draws_weaker_than_positive(view):
             assert 0.15 * pos < unc < 0.8 * pos, (name, seed, unc / pos)
 
 
-def test_speed_200_images_under_5s():
+def test_random_label_vectors_draw_exactly_their_findings():
+    """Mixed label vectors as preprocess meets them (NaN, 0, 1, -1): every positive or uncertain finding is
+    drawn and has a region, nothing else is; a vector with none draws the normal image. (Drawing speed
+    is measured in bench/, not asserted here.)"""
     rng = np.random.default_rng(0)
-    labels = rng.choice([np.nan, 0.0, 1.0, -1.0], p=[0.75, 0.1, 0.1, 0.05], size=(200, len(CHEXPERT_14)))
-    draw_phantom(labels[0], 0, 224, 0)  # warm caches
-    t = time.perf_counter()
-    for i in range(200):
-        draw_phantom(labels[i], i % 2, 224, i)
-    assert time.perf_counter() - t < 5.0
+    labels = rng.choice([np.nan, 0.0, 1.0, -1.0], p=[0.75, 0.1, 0.1, 0.05], size=(60, len(CHEXPERT_14)))
+    labels[:4, 1:] = np.nan  # a few with no finding at all
+    for i, x in enumerate(labels):
+        view = i % 2
+        img = draw_phantom(x, view, 128, i)
+        assert img.dtype == np.uint8 and img.shape == (128, 128) and 30 < img.mean() < 200
+        drawn = {n for n, v in zip(CHEXPERT_14, x) if n in DRAWN and v in (1.0, -1.0)}
+        regions = phantom_regions(x, view, 128, i)
+        assert set(regions) == drawn, i
+        assert all(m.any() for m in regions.values()), i
+        assert np.array_equal(img, draw_phantom(lab(), view, 128, i)) == (not drawn), i

@@ -42,8 +42,7 @@ def _write_case(tmp_path):
 
 def test_bad_inputs_are_counted_skips(tmp_path, monkeypatch):
     params = _write_case(tmp_path)
-    monkeypatch.chdir(tmp_path)
-    preprocess.main(["--params", str(params)])
+    preprocess.main(["--params", str(params), "--artifacts", str(tmp_path / "artifacts")])
     stats = json.loads((tmp_path / "artifacts/preprocess/stats.json").read_text())
     assert stats["phantom_images"] is False
     assert stats["skipped_by_reason"] == {"duplicate_id": 1, "empty_report": 1, "missing_image": 1,
@@ -68,9 +67,8 @@ def test_cli_check_names_bad_key(tmp_path, capsys):
 def test_stage_rejects_unknown_key_before_compute(tmp_path, monkeypatch):
     bad = dict(ROOT_PARAMS, data=dict(ROOT_PARAMS["data"], image_szie=64))
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(bad))
-    monkeypatch.chdir(tmp_path)
     with pytest.raises(Exception, match="data.image_szie: unknown key"):
-        preprocess.main(["--params", str(tmp_path / "p.yaml")])
+        preprocess.main(["--params", str(tmp_path / "p.yaml"), "--artifacts", str(tmp_path / "artifacts")])
     assert not (tmp_path / "artifacts").exists()
 
 

@@ -14,11 +14,10 @@ import pytest
 from PIL import Image
 
 from amrg.cam import heat_overlay
+from amrg.config import Evaluate
+from amrg.evaluation import build_result, per_label, score_systems
 from amrg.labels import label
 from amrg.labels.schema import CHEXPERT_14
-from amrg.metrics import ce_scores, nlg_scores
-from amrg.metrics.bootstrap import SystemStats, bootstrap_ci, ce_stats, method, nlg_stats
-from amrg.metrics.nlg import prepare_texts, protocol
 from amrg.report_html import Sample, positive_labels, render, sentence_findings
 
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
@@ -39,19 +38,13 @@ HYPS = ["the heart is enlarged . there is a right pneumothorax .",
 
 @pytest.fixture(scope="module")
 def page():
-    ref_labels, hyp_labels = label(REFS), label(HYPS)
-    systems = {"model": (HYPS, hyp_labels), "most_frequent": ([REFS[1]] * 3, label([REFS[1]] * 3))}
-    result = {"phantom_images": True, "note": "synthetic test page", "n_test": 3,
-              "nlg_protocol": protocol("r2gen", meteor=False), "ci_method": method(50, 0), "baselines": {}}
-    stats, per_label = {}, {}
-    for name, (texts, labs) in systems.items():
-        ce = ce_scores(labs, ref_labels)
-        scores = {**nlg_scores(REFS, texts, meteor=False), "ce": ce}
-        result["model" if name == "model" else "baselines"] = scores if name == "model" else {**result["baselines"], name: scores}
-        result["ce_convention"] = ce["convention"]
-        per_label[name] = ce["per_label"]
-        stats[name] = SystemStats(nlg_stats(*prepare_texts(REFS, texts)), ce_stats(labs, ref_labels))
-    boot = bootstrap_ci(stats, 50, 0)
+    """The page evaluate writes, assembled by the same library functions evaluate calls."""
+    ref_labels = label(REFS)
+    ev = Evaluate(meteor=False, bootstrap=50)
+    scores = score_systems(REFS, {"model": HYPS, "most_frequent": [REFS[1]] * 3}, ref_labels, label, ev, seed=0)
+    result = build_result(scores, ev, 0, phantom=True, n_test=3,
+                          classifier_test={"mean_auroc": 0.5, "mean_ap": 0.5, "per_label": {}}, timings={})
+    hyp_labels = scores.systems["model"].labels
     rng = np.random.default_rng(0)
     views = [rng.integers(0, 255, (64, 64), dtype=np.uint8) for _ in range(2)]
     cam = np.outer(np.linspace(0, 1, 64), np.linspace(1, 0, 64))
@@ -60,7 +53,7 @@ def page():
                       positive_labels(hyp_labels[i]), [("Cardiomegaly", 0.9)],
                       [("Cardiomegaly, view 0: upper left", heat_overlay(views[0], cam))] if i == 0 else [])
                for i in range(3)]
-    html = render(result, per_label, samples, ci=boot["ci"], paired=boot["paired"],
+    html = render(result, per_label(scores), samples, ci=result["ci95"], paired=scores.bootstrap["paired"],
                   auroc={n: {"auroc": 0.5} for n in CHEXPERT_14}, title="synthetic")
     return html, samples
 

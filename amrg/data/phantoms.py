@@ -440,6 +440,13 @@ def _render(labels, view: int, size: int, seed: int, want_regions: bool):
     return img, regions
 
 
+def phantom_seed(study_id: str, seed: int) -> int:
+    """The drawing seed of a study's phantom images: both views show the same findings in the same place."""
+    import zlib
+
+    return zlib.crc32(study_id.encode()) ^ seed
+
+
 def draw_phantom(labels, view: int, size: int, seed: int) -> np.ndarray:
     """Synthetic radiograph (uint8, ``size`` x ``size``) of ``labels`` (CheXpert-14 order) in ``view``."""
     return _render(labels, view, size, seed, False)[0]

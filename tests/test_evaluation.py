@@ -1,0 +1,93 @@
+"""The evaluation library (amrg.evaluation): CAM localisation on phantoms against known answers, the
+compact headline table, sample picking, the checkpoint-selection rule."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from amrg.data.phantoms import draw_phantom, phantom_regions, phantom_seed
+from amrg.evaluation import TestSplit, headline_table, phantom_localisation, pick_samples, summary
+from amrg.labels.schema import CHEXPERT_14
+from amrg.train import Selection
+
+SIZE = 64
+
+
+class _FakeRun:
+    """``cams`` returns a chosen map per (image, disease): the drawn region itself, or a uniform map."""
+
+    def __init__(self, test, views, seed, kind):
+        self.test, self.views, self.seed, self.kind = test, views, seed, kind
+
+    def cams(self, images, diseases, method, batch_size):
+        out = []
+        for img, d in zip(images, diseases):
+            r = next(r for r in range(len(self.test.pixels)) if torch.equal(self.test.pixels[r], img))
+            s = next(s for s, rows in enumerate(self.test.view_rows) if r in rows.tolist())
+            region = phantom_regions(self.test.ref_labels[s], int(self.views[r]) % 2, SIZE,
+                                     phantom_seed(self.test.ids[s], self.seed))[CHEXPERT_14[d]]
+            out.append(region.astype(np.float32) if self.kind == "oracle" else np.full((SIZE, SIZE), 0.5, np.float32))
+        return np.stack(out)
+
+
+@pytest.fixture(scope="module")
+def phantom_test():
+    seed = 3
+    labels = np.full((2, 14), np.nan, np.float32)
+    labels[0, CHEXPERT_14.index("Pleural Effusion")] = 1
+    labels[1, CHEXPERT_14.index("Cardiomegaly")] = 1
+    labels[1, CHEXPERT_14.index("Lung Lesion")] = 1
+    ids = ["s0", "s1"]
+    pixels = np.stack([draw_phantom(labels[s], v, SIZE, phantom_seed(ids[s], seed)) for s in range(2) for v in range(2)])
+    views = np.array([0, 1, 0, 1])
+    return TestSplit(ids, ["", ""], labels, np.array([[0, 1], [2, 3]]), torch.from_numpy(pixels)), views, seed
+
+
+def test_phantom_localisation_known_answers(phantom_test):
+    test, views, seed = phantom_test
+    oracle = phantom_localisation(_FakeRun(test, views, seed, "oracle"), test, views, seed, "gradcam", 8)
+    regions = [(s, r, n, m) for s, rows in enumerate(test.view_rows) for r in rows.tolist()
+               for n, m in phantom_regions(test.ref_labels[s], int(views[r]) % 2, SIZE,
+                                           phantom_seed(test.ids[s], seed)).items() if m.any()]
+    assert oracle["pairs"] == len(regions) >= 4
+    assert oracle["pointing_game"] == 1.0  # the map's maximum is the region
+    assert oracle["mean_lift"] == pytest.approx(np.mean([1 / m.mean() for *_, m in regions]))  # all mass inside
+    assert set(oracle["per_disease"]) == {n for _, _, n, _ in regions}
+    uniform = phantom_localisation(_FakeRun(test, views, seed, "uniform"), test, views, seed, "gradcam", 8)
+    assert uniform["pointing_game"] == 0.0 and uniform["mean_lift"] == pytest.approx(1.0)  # chance
+
+
+def test_headline_table_and_summary():
+    scores = {"BLEU_1": 0.5, "BLEU_4": 0.1, "METEOR": 0.2, "ROUGE_L": 0.3, "CIDEr": 0.4,
+              "ce": {"precision": 0.6, "recall": 0.7, "f1": 0.65}}
+    result = {"phantom_images": True, "n_test": 9, "model": scores, "baselines": {"most_frequent": scores},
+              "ci95": {"model": {"BLEU_4": {"lo": 0.08, "hi": 0.14}, "ce": {"f1": {"lo": 0.6, "hi": 0.7}}}},
+              "ce_convention": {"headline": "macro", "labels": "all14", "uncertain_as": "negative"},
+              "ci_method": {"resamples": 10}, "classifier_test": {"mean_auroc": 0.5}}
+    rows = headline_table(result)
+    assert [r["system"] for r in rows] == ["model", "most_frequent"]
+    assert rows[0]["BLEU-4"] == "0.100±0.030" and rows[0]["CE F1"] == "0.650±0.050" and rows[0]["METEOR"] == "0.200"
+    assert rows[1]["BLEU-4"] == "0.100"  # no CI for the baseline in this result
+    text = summary(result, "artifacts/eval/report.html")
+    assert text.startswith("PHANTOM IMAGES: test studies: 9") and "0.100±0.030" in text and "report.html" in text
+
+
+def test_pick_samples_half_with_findings():
+    labels = np.full((10, 14), np.nan, np.float32)
+    labels[:, CHEXPERT_14.index("No Finding")] = 1
+    labels[[1, 4, 7], CHEXPERT_14.index("Edema")] = 1
+    labels[8, CHEXPERT_14.index("Edema")] = -1  # uncertain is not a finding
+    rows = pick_samples(labels, 4, seed=0)
+    assert len(rows) == 4 and list(rows) == sorted(rows)
+    assert len(set(rows) & {1, 4, 7}) == 2
+
+
+def test_selection_rule():
+    assert Selection.of("val_loss") == Selection("val_loss", "min")
+    assert Selection.of("val_bleu4").mode == Selection.of("val_auroc").mode == "max"
+    lo, hi = Selection.of("val_loss"), Selection.of("val_bleu4")
+    assert lo.better(0.1, 0.2) and not lo.better(0.2, 0.2) and hi.better(0.3, 0.2) and lo.better(5.0, None)
+    with pytest.raises(ValueError):
+        Selection("val_loss", "lowest")
