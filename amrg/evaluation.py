@@ -125,7 +125,7 @@ def pick_samples(ref_labels: np.ndarray, k: int, seed: int) -> np.ndarray:
 
 
 @dataclass
-class TestSplit:
+class EvalSplit:
     """The test studies as evaluate holds them: ids, reference reports and labels, view rows into ``pixels``."""
 
     ids: list[str]
@@ -135,7 +135,7 @@ class TestSplit:
     pixels: torch.Tensor  # uint8 (N, H, W)
 
 
-def report_samples(run, test: TestSplit, rows: np.ndarray, study_probs: np.ndarray, hyps: list[str],
+def report_samples(run, test: EvalSplit, rows: np.ndarray, study_probs: np.ndarray, hyps: list[str],
                    hyp_labels: np.ndarray, labeler: Labeler, cam, uncertain_as: str, batch_size: int) -> list:
     """Samples for report.html: both views, CAM overlays of up to MAX_CAMS predicted diseases
     (:meth:`amrg.inference.Run.explain`), and the two reports with their labels."""
@@ -158,7 +158,7 @@ def report_samples(run, test: TestSplit, rows: np.ndarray, study_probs: np.ndarr
     return out
 
 
-def phantom_localisation(run, test: TestSplit, views: np.ndarray, seed: int, method: str, batch_size: int) -> dict:
+def phantom_localisation(run, test: EvalSplit, views: np.ndarray, seed: int, method: str, batch_size: int) -> dict:
     """Where the truth is known (phantom images, :mod:`amrg.data.phantoms`): for every test image and every
     finding drawn on it, the classifier's ``method`` CAM of that disease against the drawn region. The
     pointing-game hit rate (:func:`amrg.cam.pointing_game`) and the mean lift of CAM mass inside the

@@ -62,7 +62,8 @@ def dvc_repo(repo: str | os.PathLike) -> Iterator[Any]:
         with Repo(str(repo)) as r:
             yield r
     except DvcException as e:
-        raise DvcPipelineError(f"{Path(repo) / 'dvc.yaml'}: {e}") from e
+        detail = f" ({e.exc})" if getattr(e, "exc", None) else ""  # dvc.yaml schema errors say where
+        raise DvcPipelineError(f"{Path(repo) / 'dvc.yaml'}: {e}{detail}") from e
 
 
 def stage_address(r: Any, stage: Any) -> str:

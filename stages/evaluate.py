@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from amrg.data.store import image_targets, load_images, load_studies
-from amrg.evaluation import (TestSplit, baseline_systems, build_details, build_result, check_java, per_label,
+from amrg.evaluation import (EvalSplit, baseline_systems, build_details, build_result, check_java, per_label,
                              phantom_localisation, pick_samples, report_samples, score_systems, summary)
 from amrg.inference import MAX_CAMS, load_run, study_probabilities
 from amrg.io import read_json, setup_runtime, write_json, write_parquet, write_text
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
         raise ValueError(f"no test studies in {layout.studies}: check data.annotation and data.max_studies")
     pixels = torch.from_numpy(images.pixels.copy())
     ids = [studies.ids[i] for i in test]
-    ts = TestSplit(ids, [studies.reports[i] for i in test], studies.labels[test], images.study_views(ids, N_VIEWS), pixels)
+    ts = EvalSplit(ids, [studies.reports[i] for i in test], studies.labels[test], images.study_views(ids, N_VIEWS), pixels)
 
     test_imgs = np.flatnonzero(images.split == "test")
     img_probs = run.probabilities(pixels, test_imgs, ev.batch_size)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from amrg.data.phantoms import draw_phantom, phantom_regions, phantom_seed
-from amrg.evaluation import TestSplit, headline_table, phantom_localisation, pick_samples, summary
+from amrg.evaluation import EvalSplit, headline_table, phantom_localisation, pick_samples, summary
 from amrg.labels.schema import CHEXPERT_14
 from amrg.train import Selection
 
@@ -42,7 +42,7 @@ def phantom_test():
     ids = ["s0", "s1"]
     pixels = np.stack([draw_phantom(labels[s], v, SIZE, phantom_seed(ids[s], seed)) for s in range(2) for v in range(2)])
     views = np.array([0, 1, 0, 1])
-    return TestSplit(ids, ["", ""], labels, np.array([[0, 1], [2, 3]]), torch.from_numpy(pixels)), views, seed
+    return EvalSplit(ids, ["", ""], labels, np.array([[0, 1], [2, 3]]), torch.from_numpy(pixels)), views, seed
 
 
 def test_phantom_localisation_known_answers(phantom_test):

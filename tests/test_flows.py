@@ -65,9 +65,9 @@ def test_stage_order_diamond_templated_and_foreach(tmp_path):
     repo = dvc_init(tmp_path / "repo")
     (repo / "params.yaml").write_text(yaml.safe_dump({"paths": {"left": "out/left.txt", "raw": "data/raw"}}))
     write_dvc_yaml(repo, {"stages": {
-        # the sink is defined first; dict-form deps/outs; templated deps and outs (params.yaml vars);
+        # the sink is defined first; dict-form outs; templated deps and outs (params.yaml vars);
         # a dep under a directory out; a wdir; a foreach stage
-        "report": {"cmd": "x", "deps": ["${paths.left}", {"out/right": {"cache": False}}, "src/report.py"],
+        "report": {"cmd": "x", "deps": ["${paths.left}", "out/right", "src/report.py"],
                    "outs": [{"report.md": {"cache": False}}]},
         "left": {"cmd": "x", "deps": ["${paths.raw}/part1.csv"], "outs": ["${paths.left}"]},
         "right": {"cmd": "x", "wdir": "data", "deps": ["raw"], "outs": ["../out/right"],
@@ -450,8 +450,9 @@ def test_overlay_runs_as_a_temporary_experiment(prefect_harness, dvc_repo):
     assert read_table_artifact()[0]["BLEU-4"] == "0.200 [0.150, 0.250]"
     assert attempts(dvc_repo.marker) == 2  # the flaky stage failed once (exit 75): the experiment was retried
     assert _snapshot(repo) == before  # not one byte of the workspace changed
-    shown = json.loads(_dvc(["exp", "show", "--json"], repo)[_dvc(["exp", "show", "--json"], repo).index("["):])
-    exps = {e["name"]: e for base in shown for e in base.get("experiments") or []}
+    shown = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json"], cwd=repo, capture_output=True,
+                           text=True, check=True).stdout
+    exps = {e["name"]: e for base in json.loads(shown[shown.index("["):]) for e in base.get("experiments") or []}
     assert exps["beta8"]["revs"][0]["data"]["params"]["params.yaml"]["data"]["hopfield"]["beta"] == 8.0
 
     # the same overlay again, as a file: the experiment is replaced; unchanged stages come from the run-cache
