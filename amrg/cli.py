@@ -64,7 +64,7 @@ def describe(run, pixels, view_rows, params: Params, batch_size: int = 8) -> lis
     from .labels.schema import CHEXPERT_14
 
     x = torch.from_numpy(pixels)
-    f, fd = run.features(x, view_rows)
+    f, fd = run.features(x, view_rows, batch_size)
     reports = run.generate(f, fd, params.decode, batch_size)
     probs = study_probabilities(run.probabilities(x, np.arange(len(pixels)), batch_size), np.arange(len(pixels)), view_rows)
     cams = run.explain(x, view_rows, probs, params.cam, batch_size)

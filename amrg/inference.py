@@ -2,8 +2,8 @@
 
 One way to turn stage outputs back into models, used by the ``evaluate`` stage and by ``amrg generate``:
 
-    run = load_run(Layout("artifacts"), device)        # checks every file first, names the stage to run
-    f, fd = run.features(pixels, view_rows)             # frozen stage-1 features (F, F_d) per study
+    run = load_run(Layout("artifacts"), device)         # checks every file first, names the stage to run
+    f, fd = run.features(pixels, view_rows, batch_size) # frozen stage-1 features (F, F_d) per study
     reports = run.generate(f, fd, decode, batch_size)   # decoded reports
     probs = run.probabilities(pixels, rows, batch_size) # classifier sigmoid per image
     cams = run.cams(pixels[rows], diseases, "gradcam")  # CAM maps in [0, 1] per (image, disease)
@@ -52,12 +52,12 @@ class Run:
     def image_size(self) -> int:
         return int(self.classifier.spec.img_size)
 
-    def features(self, pixels: torch.Tensor, view_rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def features(self, pixels: torch.Tensor, view_rows: np.ndarray, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Frozen stage-1 inputs of the generator for studies ``view_rows (S, 2)`` of uint8 ``pixels``."""
         from .models.features import study_features
 
         return study_features(self.classifier, pixels, view_rows, self.spec.visual_pool, self.device,
-                              self.precision)
+                              self.precision, batch_size)
 
     @torch.no_grad()
     def generate(self, f: torch.Tensor, fd: torch.Tensor, decode, batch_size: int, desc: str = "generate") -> list[str]:

@@ -48,8 +48,8 @@ def main(argv: list[str] | None = None) -> None:
     uncertain_as = read_json(layout.classifier_config)["uncertain_as"]
     cls_test = multilabel_metrics(image_targets(studies, images, test_imgs, uncertain_as), img_probs)
 
-    f, fd = run.features(pixels, ts.view_rows)
-    train_fd = run.features(pixels, images.study_views([studies.ids[i] for i in train], N_VIEWS))[1]
+    f, fd = run.features(pixels, ts.view_rows, ev.batch_size)
+    train_fd = run.features(pixels, images.study_views([studies.ids[i] for i in train], N_VIEWS), ev.batch_size)[1]
     gen_timer = Timer()
     hyps = run.generate(f, fd, params.decode, ev.batch_size, desc="generate test reports")
     gen_seconds = gen_timer()

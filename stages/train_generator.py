@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> None:
     for split in ("train", "val"):
         rows = studies.rows(split)
         view_rows = images.study_views([studies.ids[i] for i in rows], N_VIEWS)
-        features[split] = study_features(classifier, pixels, view_rows, g.visual_pool, device, params.runtime.precision)
+        features[split] = study_features(classifier, pixels, view_rows, g.visual_pool, device, params.runtime.precision,
+                                         g.batch_size)
         reports[split] = [studies.reports[i] for i in rows]
     del classifier, pixels
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..io import autocast
+from ..io import autocast, progress
 from .classifier import DiseaseClassifier
 
 N_VIEWS = 2
@@ -19,12 +19,12 @@ N_VIEWS = 2
 
 @torch.inference_mode()
 def study_features(model: DiseaseClassifier, pixels: torch.Tensor, view_rows: np.ndarray, pool: int,
-                   device: torch.device, precision: str, batch: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+                   device: torch.device, precision: str, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``view_rows (S, N_VIEWS)`` rows of ``pixels`` -> (F ``(S, N_VIEWS*T, C)``, F_d ``(S, 14, D)``) on CPU."""
     model.eval()
     gh, gw = model.encoder.grid
     f_all, fd_all = [], []
-    for s in range(0, len(view_rows), batch):
+    for s in progress(range(0, len(view_rows), batch), "stage-1 features", unit="batch"):
         rows = view_rows[s:s + batch]
         b, v = rows.shape
         with autocast(device, precision):
