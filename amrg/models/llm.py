@@ -54,10 +54,10 @@ def create_llm(cfg, dtype: torch.dtype = torch.float32, *, train_texts: list[str
         model, tokenizer = _load_pretrained(cfg.name, dtype)
     elif saved is not None:
         tokenizer = PreTrainedTokenizerFast.from_pretrained(saved / "tokenizer")
-        model = LlamaForCausalLM(LlamaConfig.from_dict(json.loads((saved / "llm_config.json").read_text())))
+        model = LlamaForCausalLM(LlamaConfig.from_dict(json.loads((saved / "llm_config.json").read_text()))).to(dtype)
     elif train_texts:
         tokenizer = train_word_tokenizer(list(train_texts) + [prompt] * cfg.min_word_freq, cfg.min_word_freq)
-        model = LlamaForCausalLM(scratch_config(cfg, len(tokenizer), tokenizer))
+        model = LlamaForCausalLM(scratch_config(cfg, len(tokenizer), tokenizer)).to(dtype)
     else:
         raise ValueError("llm.source=scratch needs the training reports to build its tokenizer")
     return _set_trainable(model, cfg), tokenizer
