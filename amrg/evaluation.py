@@ -47,6 +47,7 @@ class SystemScores:
 class Scores:
     systems: dict[str, SystemScores]  # "model" first, then the baselines
     bootstrap: dict | None  # bootstrap_ci(...): {"ci": ..., "paired": ...}
+    seconds: dict[str, float]  # scoring_seconds, bootstrap_seconds
 
 
 def baseline_systems(hyps: list[str], train_reports: list[str], train_fd: torch.Tensor, test_fd: torch.Tensor,
@@ -62,7 +63,9 @@ def score_systems(refs: list[str], systems: dict[str, list[str]], ref_labels: np
                   ev, seed: int) -> Scores:
     """NLG + CE of every system under ``ev`` (:class:`amrg.config.Evaluate`), and ``ev.bootstrap``
     paired resamples of the test studies for 95% CIs (none when 0)."""
-    out = {}
+    import time
+
+    t0, out = time.perf_counter(), {}
     for name, hyps in systems.items():
         hyp_labels = labeler(hyps)
         ce = ce_scores(hyp_labels, ref_labels, uncertain_as=ev.ce_uncertain_as, labels=ev.ce_labels)
@@ -70,8 +73,10 @@ def score_systems(refs: list[str], systems: dict[str, list[str]], ref_labels: np
         stats = SystemStats(nlg_stats(*prepare_texts(refs, hyps, ev.nlg_tokenization)),
                             ce_stats(hyp_labels, ref_labels, ev.ce_uncertain_as, ev.ce_labels)) if ev.bootstrap else None
         out[name] = SystemScores(hyps, scores, hyp_labels, stats)
+    t1 = time.perf_counter()
     boot = bootstrap_ci({k: v.stats for k, v in out.items()}, ev.bootstrap, seed) if ev.bootstrap else None
-    return Scores(out, boot)
+    seconds = {"scoring_seconds": round(t1 - t0, 3), "bootstrap_seconds": round(time.perf_counter() - t1, 3)}
+    return Scores(out, boot, seconds)
 
 
 def _headline(s: dict) -> dict:
@@ -97,7 +102,7 @@ def build_result(scores: Scores, ev, seed: int, *, phantom: bool, n_test: int, c
         "baselines": {name: _headline(s.scores) for name, s in scores.systems.items() if name != "model"},
         "ci95": scores.bootstrap["ci"] if scores.bootstrap else None,
         "classifier_test": {"mean_auroc": classifier_test["mean_auroc"], "mean_ap": classifier_test["mean_ap"]},
-        **timings,
+        **timings, **scores.seconds,
     }
 
 

@@ -16,6 +16,7 @@ through the same factory as in training, in the same LLM dtype.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -23,6 +24,9 @@ import torch
 from .io import autocast, load_tensors, progress, read_json
 from .labels.schema import CHEXPERT_14, DECISION_THRESHOLD, NO_FINDING
 from .layout import Layout, MissingArtifacts  # noqa: F401  (MissingArtifacts re-exported for callers)
+
+if TYPE_CHECKING:
+    from .models.generator import GeneratorSpec
 
 MAX_CAMS = 3  # predicted diseases (No Finding aside) whose CAM is computed per study
 
@@ -44,7 +48,7 @@ class Run:
     layout: Layout
     classifier: torch.nn.Module
     generator: torch.nn.Module
-    spec: "GeneratorSpec"  # noqa: F821
+    spec: GeneratorSpec
     device: torch.device
     precision: str
 

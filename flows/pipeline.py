@@ -143,7 +143,8 @@ def select_stages(order: list[str], wanted: list[str] | None) -> list[str]:
     return [s for s in order if s in wanted]
 
 
-def plan(repo: Path, stages: list[str] | None, overlay: dict[str, Any] | str | None) -> tuple[list[str], dict[str, Any]]:
+def plan(repo: Path, stages: list[str] | None,
+         overlay: dict[str, Any] | str | None) -> tuple[list[str], dict[str, Any]]:
     """The one validation of a run, before anything runs: (stages to run in DVC's order, the overlay's
     changed ``{"a.b": value}`` leaves checked with amrg.config.parse_params). PipelineConfigError otherwise."""
     try:
@@ -225,9 +226,8 @@ def pipeline(repo: str = ".", stages: list[str] | None = None, retries: int = 2,
             sync("push", cwd=str(repo_dir))
         if experiment and not overlay:
             save_experiment(experiment, cwd=str(repo_dir))
-    if not order:
-        return {"metrics": None, "experiment": exp_name, "caption": "", "table": []}
-    return publish_metrics(repo_dir, order[-1], exp_name)
+    result = publish_metrics(repo_dir, order[-1], exp_name) if order else {"metrics": None, "caption": "", "table": []}
+    return {**result, "experiment": exp_name or experiment}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,17 +31,22 @@ def _git(repo: Path, *args: str) -> str:
     return p.stdout.strip() if p.returncode == 0 else ""
 
 
-def _describe(changes: list[Any]) -> str:
-    """``dvc status`` entries of one stage -> ``changed deps: data/x.json (modified); changed outs: ...``."""
+def _some(items: list[str], limit: int) -> str:
+    return ", ".join(items[:limit]) + (f", +{len(items) - limit} more" if len(items) > limit else "")
+
+
+def _describe(changes: list[Any], limit: int = 3) -> str:
+    """``dvc status`` entries of one stage -> ``changed deps: data/x.json (modified), ...; changed outs: ...``,
+    at most ``limit`` items (and ``limit`` changed params keys) per kind, so that a stage fits on a line."""
     what = []
     for entry in changes:
         if isinstance(entry, str):
             what.append(entry)
             continue
         for kind, changed in entry.items():
-            items = [f"{k}" + (f" ({', '.join(v)})" if isinstance(v, dict) else f" ({v})" if isinstance(v, str) else "")
-                     for k, v in changed.items()]
-            what.append(f"{kind}: {', '.join(items)}")
+            items = [f"{k} ({_some(list(v), limit)})" if isinstance(v, dict) else f"{k} ({v})" if isinstance(v, str)
+                     else str(k) for k, v in changed.items()]
+            what.append(f"{kind}: {_some(items, limit)}")
     return "; ".join(what) if what else "up to date"
 
 

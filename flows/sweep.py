@@ -249,13 +249,6 @@ def to_csv(rows: list[dict]) -> str:
 
 
 # ------------------------------------------------------------------------------------------- Prefect
-def _ensure_dvc_on_path() -> None:
-    """Queue workers start ``dvc`` from PATH: make it this interpreter's (the project venv's)."""
-    bindir = str(Path(sys.executable).parent)
-    if bindir not in os.environ.get("PATH", "").split(os.pathsep):
-        os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
-
-
 @task(name="dvc-exp-queue", cache_policy=NO_CACHE)
 def queue_experiments(repo: str, experiments: list[tuple[str, str, dict]]) -> list[str]:
     logger = get_run_logger()
@@ -339,7 +332,7 @@ def sweep_flow(grid: str, repo: str = ".", jobs: int | None = None, tables: list
         for name, _, point in experiments:
             logger.info("dvc exp run --queue --name %s %s", name, " ".join(set_args(point)))
         return [{"table": t, "experiment": n, "state": "dry-run", **p} for n, t, p in experiments]
-    _ensure_dvc_on_path()
+    # queue workers start `dvc` and stage commands from PATH: run_dvc puts this interpreter's bin first
     names = queue_experiments(str(root), experiments)
     states = run_queue(str(root), names, jobs or g.jobs, poll_seconds, timeout_hours * 3600)
     failed = sorted(n for n, s in states.items() if s != "Success")

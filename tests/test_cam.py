@@ -216,22 +216,26 @@ def test_mine_cam_stage_regions_round_trip(tmp_path, monkeypatch):
 # --- localisation on phantoms -----------------------------------------------------------------------
 # A tiny classifier learns Pleural Effusion against normal phantoms (frontal), then GradCAM for it on
 # held-out positives must put more of its mass inside phantom_regions(...)["Pleural Effusion"] than a
-# uniform map would (mean lift > 1), and more than inside the same region mirrored top-bottom.
-# 128 px (8 x 8 tokens) keeps CPU training to ~10 s. Swin window 2 keeps tokens local, as window 7 on
-# the default's 14 x 14 grid does at 224 px: with window >= 4 every token sees the whole image, and
-# GradCAM's per-channel weights then light up look-alike tissue (the abdomen, as bright as the fluid).
-# Measured when this test was written: mean lift > 1 for 20 of 21 (model seed, data seed) pairs (the
-# miss: 0.61), 2.2 for the fixed pair (2.07 with one thread), held-out AUROC >= 0.87 throughout.
-# Cardiomegaly is not asserted: the same recipe failed 2 of 6 pairs (lift 0.68; lift 1.02 below the
+# uniform map would (lift > 1), and more than inside the same region mirrored top-bottom. It is a
+# statistical claim, so it is asserted on the median over several (model seed, data seed) pairs, not on
+# one picked pair. 128 px (8 x 8 tokens), 150 pairs, 10 epochs, one thread: ~5-14 s per seed pair on 2
+# cores (idle to shared), so marked slow. Swin window 2 keeps tokens local, as window 7 on the default's 14 x 14 grid does at 224 px: with
+# window >= 4 every token sees the whole image, and GradCAM's per-channel weights then light up
+# look-alike tissue (the abdomen, as bright as the fluid).
+# Measured when this recipe was set, pairs (s, s) for s = 0..9: mean lift 2.66 2.12 1.87 2.62 1.00 2.07
+# 2.24 1.66 1.79 2.58 (9 of 10 above 1.5; median 2.1), held-out AUROC >= 0.96 throughout; mirrored
+# control 0.03-0.96. Smaller recipes were weaker (96 px: lift 0.85-1.01; 100 pairs, 8 epochs: 1.17-1.86).
+# Cardiomegaly is not asserted: an earlier recipe failed 2 of 6 pairs (lift 0.68; lift 1.02 below the
 # mirrored control's 1.51); GradCAM covers the whole heart and mediastinum, while the drawn region is
 # the ring the heart grew by.
+LOCALISATION_SEEDS = (0, 1, 2, 3, 4)
 
 
 def _auc(pos: np.ndarray, neg: np.ndarray) -> float:
     return float(((pos[:, None] > neg[None]) + 0.5 * (pos[:, None] == neg[None])).mean())
 
 
-def localisation(disease: str, n_train: int, seed: int = 0, size: int = 128, epochs: int = 15, n_test: int = 20,
+def localisation(disease: str, n_train: int, seed: int = 0, size: int = 128, epochs: int = 10, n_test: int = 20,
                  data: int = 0):
     """Train normal-vs-``disease`` on phantoms; return held-out AUROC, GradCAM lifts in the drawn
     region, and lifts in the region mirrored top-bottom (control)."""
@@ -278,8 +282,21 @@ def localisation(disease: str, n_train: int, seed: int = 0, size: int = 128, epo
     return auc, lifts, control
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_gradcam_localises_pleural_effusion_on_phantoms():
-    auc, lifts, control = localisation("Pleural Effusion", 300)
-    assert auc >= 0.8, f"the tiny classifier did not learn Pleural Effusion (held-out AUROC {auc:.2f})"
-    assert lifts.mean() > 1.0, f"GradCAM mass in the drawn effusion is below chance (lift {lifts.mean():.2f})"
-    assert lifts.mean() > control.mean(), f"lift {lifts.mean():.2f} <= mirrored region {control.mean():.2f}"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # on shared cores two threads are several times slower than one
+    try:
+        runs = [localisation("Pleural Effusion", 150, seed=s, data=s) for s in LOCALISATION_SEEDS]
+    finally:
+        torch.set_num_threads(threads)
+    aucs = np.array([auc for auc, _, _ in runs])
+    lifts = np.array([lift.mean() for _, lift, _ in runs])
+    control = np.array([c.mean() for _, _, c in runs])
+    summary = f"AUROC {np.round(aucs, 2)}, lift {np.round(lifts, 2)}, mirrored {np.round(control, 2)}"
+    assert aucs.min() >= 0.8, f"the tiny classifier did not learn Pleural Effusion on every seed: {summary}"
+    assert np.median(lifts) > 1.5, f"GradCAM mass in the drawn effusion is not well above chance: {summary}"
+    assert np.median(lifts) > np.median(control) + 0.5, f"no better than the mirrored region: {summary}"
+    assert (lifts > control).sum() >= len(runs) - 1, summary
+    print(summary)

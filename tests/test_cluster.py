@@ -25,7 +25,6 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import yaml
 from PIL import Image
 from safetensors.torch import load_file
 

@@ -323,12 +323,13 @@ def attempts(marker: Path) -> int:
 def read_table_artifact() -> list[dict]:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
 
     from flows.pipeline import METRICS_ARTIFACT_KEY
 
-    with get_client(sync_client=True) as client:
-        arts = client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[METRICS_ARTIFACT_KEY])))
+    with get_client(sync_client=True) as client:  # the newest (one harness serves the whole session)
+        arts = client.read_artifacts(sort=ArtifactSort.CREATED_DESC, limit=1,
+                                     artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[METRICS_ARTIFACT_KEY])))
     assert arts and arts[0].type == "table"
     return json.loads(arts[0].data) if isinstance(arts[0].data, str) else arts[0].data
 

@@ -1,6 +1,9 @@
-"""flows/sweep.py: grid parsing, ``-S`` arguments, queue status parsing, the comparison table from
-``dvc exp show --json``, and the whole Prefect flow on a tiny git+dvc project (one stage reading two params
-and writing a metric with a CI), run in a subprocess with its own Prefect home."""
+"""flows/sweep.py: grid parsing and validation (every point checked with amrg.config.parse_params, like
+a pipeline overlay), ``-S`` arguments, queue status parsing, the comparison table from
+``dvc exp show --json``, and the whole Prefect flow on a tiny git+dvc project (this project's params.yaml,
+one stage reading three of its keys and writing a metric with a CI), run in a subprocess with its own
+Prefect home; a second sweep with the same names replaces the experiments and takes the stage from the
+run-cache."""
 
 from __future__ import annotations
 
@@ -21,15 +24,16 @@ GRID = {
     "name": "toy",
     "metrics": {"score": "model.score", "double": "out/other.json:double"},
     "tables": {
-        "t_a": {"title": "a sweep", "grid": {"model.a": [1, 3]}, "set": {"model.b": 2.0}},
-        "t_b": {"points": [{"model.b": 0.5, "opt.flag": True}]},
+        "t_a": {"title": "a sweep", "grid": {"decode.num_beams": [1, 3]}, "set": {"hopfield.beta": 2.0}},
+        "t_b": {"points": [{"hopfield.beta": 0.5, "hopfield.visual": False}]},
     },
 }
 TRAIN = """\
-import json, pathlib, yaml
+import json, pathlib, sys, yaml
 p = yaml.safe_load(open("params.yaml"))
-m = p["model"]
-score = m["a"] * m["b"] + (10 if p["opt"]["flag"] else 0)
+with open(sys.argv[1], "a") as runs:  # outside the repo: one line per run of the stage
+    runs.write("run\\n")
+score = p["decode"]["num_beams"] * p["hopfield"]["beta"] + (0 if p["hopfield"]["visual"] else 10)
 pathlib.Path("out").mkdir(exist_ok=True)
 json.dump({"model": {"score": score}, "ci95": {"model": {"score": {"lo": score - 1, "hi": score + 1}}}},
           open("out/metrics.json", "w"))
@@ -44,26 +48,44 @@ def _grid(tmp_path: Path, doc: dict = GRID) -> Path:
 
 
 def test_grid_points_and_set_args(tmp_path):
-    from flows.sweep import SweepError, check_keys, load_grid, set_args
+    from amrg.metrics.registry import HEADLINE, label
+    from flows.sweep import SweepConfigError, SweepError, load_grid, set_args, validate_points
 
     g = load_grid(_grid(tmp_path))
-    assert g.experiments() == [("toy-t-a-01", "t_a", {"model.b": 2.0, "model.a": 1}),
-                               ("toy-t-a-02", "t_a", {"model.b": 2.0, "model.a": 3}),
-                               ("toy-t-b-01", "t_b", {"model.b": 0.5, "opt.flag": True})]
+    assert g.experiments() == [("toy-t-a-01", "t_a", {"hopfield.beta": 2.0, "decode.num_beams": 1}),
+                               ("toy-t-a-02", "t_a", {"hopfield.beta": 2.0, "decode.num_beams": 3}),
+                               ("toy-t-b-01", "t_b", {"hopfield.beta": 0.5, "hopfield.visual": False})]
     assert set_args({"hopfield.visual": False, "hopfield.beta": 2.0, "x": "a b"}) == \
         ["-S", "hopfield.visual=false", "-S", "hopfield.beta=2.0", "-S", "x=a b"]
     assert list(load_grid(_grid(tmp_path), ["t_b"]).tables) == ["t_b"]
-    with pytest.raises(SweepError, match=r"unknown table\(s\) \['nope'\]"):
+    with pytest.raises(SweepConfigError, match=r"unknown table\(s\) \['nope'\]"):
         load_grid(_grid(tmp_path), ["nope"])
-    with pytest.raises(SweepError, match="no points"):
+    with pytest.raises(SweepConfigError, match="no points"):
         load_grid(_grid(tmp_path, {"tables": {"t": {"title": "x"}}}))
+    assert issubclass(SweepConfigError, SweepError)
+    # the default metric columns are the registry's headline, not a list of names kept here
+    assert load_grid(_grid(tmp_path, {"tables": GRID["tables"]})).metrics == {label(k): f"model.{k}" for k in HEADLINE}
+    # every point is validated as the pipeline validates an overlay: keys in params.yaml ...
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"model": {"a": 1, "b": 1.0}, "opt": {}}))
-    with pytest.raises(SweepError, match="keys not in .*: opt.flag"):
-        check_keys(g, params)
-    # the repository's own grid names only keys that exist in params.yaml
+    params.write_text(yaml.safe_dump(raw))
+    validate_points(g, params)
+    del raw["hopfield"]["visual"]
+    params.write_text(yaml.safe_dump(raw))
+    with pytest.raises(SweepConfigError, match=r"toy-t-b-01 .*hopfield.visual not in"):
+        validate_points(g, params)
+    # ... and the merged params valid for amrg.config.parse_params: types, ranges, unknown keys
+    params.write_text((ROOT / "params.yaml").read_text())
+    bad = {"tables": {"t": {"grid": {"hopfield.beta": [4.0, -1]}, "points": [{"cam.tua": 0.4}, {"decode.num_beams": "x"}]}}}
+    with pytest.raises(SweepConfigError) as exc:
+        validate_points(load_grid(_grid(tmp_path, bad)), params)
+    msg = str(exc.value)
+    assert "hopfield.beta must be > 0" in msg and "cam.tua: unknown key" in msg and "decode.num_beams: expected int" in msg
+    # the failing points are named (points first, then the grid); beta 4.0 is fine
+    assert all(f"grid-t-0{i} " in msg for i in (1, 2, 4)) and "grid-t-03" not in msg
+    # the repository's own grid is valid against params.yaml
     paper = load_grid(ROOT / "sweeps" / "paper_tables.yaml")
-    check_keys(paper, ROOT / "params.yaml")
+    validate_points(paper, ROOT / "params.yaml")
     assert set(paper.tables) == {"table_iv", "table_v", "table_vi", "table_vii"}
 
 
@@ -88,7 +110,7 @@ def test_collect_and_tables(tmp_path):
     g = load_grid(_grid(tmp_path))
 
     def exp(name, a, score, state="success"):
-        data = {"params": {"params.yaml": {"data": {"model": {"a": a, "b": 2.0}, "opt": {"flag": False}}}},
+        data = {"params": {"params.yaml": {"data": {"decode": {"num_beams": a}, "hopfield": {"beta": 2.0, "visual": True}}}},
                 "metrics": {"out/metrics.json": {"data": {"model": {"score": score},
                                                           "ci95": {"model": {"score": {"lo": 0.5, "hi": 9.5}}}}},
                             "out/other.json": {"data": {"double": 2 * score}}}}
@@ -102,7 +124,7 @@ def test_collect_and_tables(tmp_path):
         ("baseline", "main", "committed"), ("t_a", "toy-t-a-01", "failed"), ("t_a", "toy-t-a-02", "success"),
         ("t_b", "toy-t-b-01", "missing")]
     r = rows[2]
-    assert (r["model.a"], r["model.b"], r["score"], r["double"]) == (3, 2.0, 6.0, 12.0)
+    assert (r["decode.num_beams"], r["hopfield.beta"], r["score"], r["double"]) == (3, 2.0, 6.0, 12.0)
     assert (r["score lo"], r["score hi"]) == (0.5, 9.5) and "double lo" not in r
     md = to_markdown(rows, g)
     assert "## a sweep (`t_a`)" in md and "| toy-t-a-02 | success | 2 | 3 | 6 [0.5, 9.5] | 12 |" in md
@@ -115,11 +137,12 @@ def toy_repo(tmp_path):
     repo = tmp_path / "repo"
     repo.mkdir()
     (repo / "train.py").write_text(TRAIN)
-    (repo / "params.yaml").write_text(yaml.safe_dump({"model": {"a": 1, "b": 1.0}, "opt": {"flag": False}}))
+    (repo / "params.yaml").write_text((ROOT / "params.yaml").read_text())
     py = shlex.quote(sys.executable)
+    runs = shlex.quote(str(tmp_path / "train-runs.txt"))
     (repo / "dvc.yaml").write_text(yaml.safe_dump({
-        "stages": {"train": {"cmd": f"{py} train.py", "deps": ["train.py"],
-                             "params": ["model.a", "model.b", "opt.flag"], "outs": ["out"]}},
+        "stages": {"train": {"cmd": f"{py} train.py {runs}", "deps": ["train.py"],
+                             "params": ["decode.num_beams", "hopfield.beta", "hopfield.visual"], "outs": ["out"]}},
         "metrics": ["out/metrics.json", "out/other.json"]}, sort_keys=False))
     env = {**os.environ, "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
            "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t", "PREFECT_HOME": str(tmp_path / "prefect"),
@@ -144,14 +167,15 @@ print("RESULT " + json.dumps({"rows": rows, "artifact": arts[0].data if arts els
 @pytest.mark.slow
 def test_sweep_flow_end_to_end(toy_repo, tmp_path):
     repo, env = toy_repo
-    small = {**GRID, "tables": {**GRID["tables"], "t_a": {**GRID["tables"]["t_a"], "grid": {"model.a": [3]}}}}
+    small = {**GRID, "tables": {**GRID["tables"], "t_a": {**GRID["tables"]["t_a"], "grid": {"decode.num_beams": [3]}}}}
     grid = _grid(tmp_path, small)  # two experiments in two tables, run by two queue workers at once
     p = subprocess.run([sys.executable, "-c", RUN_FLOW, str(grid), str(repo)], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     out = json.loads(next(line for line in p.stdout.splitlines() if line.startswith("RESULT "))[7:])
     got = {r["experiment"]: r for r in out["rows"]}
-    # score = a * b (+ 10 with opt.flag); the baseline is the committed HEAD (never reproduced: no metric)
+    # score = num_beams * beta (+ 10 without the visual memory); the baseline is the committed HEAD (never
+    # reproduced: no metric)
     assert got["toy-t-a-01"]["score"] == 6.0 and got["toy-t-a-01"]["state"] == "success"
     assert got["toy-t-b-01"]["score"] == 10.5 and got["toy-t-b-01"]["double"] == 21.0
     assert got["toy-t-a-01"]["score lo"] == 5.0 and got["master"]["state"] == "committed"
@@ -165,3 +189,14 @@ def test_sweep_flow_end_to_end(toy_repo, tmp_path):
     shown = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--csv"], cwd=repo, env=env,
                            capture_output=True, text=True, check=True).stdout
     assert "toy-t-a-01" in shown and "model.score" in shown
+    runs = tmp_path / "train-runs.txt"
+    assert runs.read_text().count("run") == 2  # one run per experiment
+
+    # the same sweep again: same names, replaced without --force, so the stage comes from the run-cache
+    p = subprocess.run([sys.executable, "-c", RUN_FLOW, str(grid), str(repo)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    out = json.loads(next(line for line in p.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    assert {r["experiment"]: (r["state"], r.get("score")) for r in out["rows"]} == {
+        "master": ("committed", None), "toy-t-a-01": ("success", 6.0), "toy-t-b-01": ("success", 10.5)}
+    assert runs.read_text().count("run") == 2  # restored, not rerun

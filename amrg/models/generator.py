@@ -13,11 +13,15 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from .hopfield import HopfieldRetrieval
+
+if TYPE_CHECKING:
+    from ..config import BankIndex, Hopfield, Llm
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -35,9 +39,9 @@ class GeneratorSpec:
     ``generator/config.json``): the LLM section, the Hopfield memories and their index, the prompt,
     the visual pooling, the input widths and the LLM's weight dtype."""
 
-    llm: "Llm"
-    hopfield: "Hopfield"
-    index: "BankIndex"
+    llm: Llm
+    hopfield: Hopfield
+    index: BankIndex
     prompt: str
     visual_pool: int
     visual_dim: int
