@@ -255,11 +255,14 @@ class Evaluate:
     ce_labels: Literal["all14", "common5"] = "all14"
     bootstrap: int = 1000  # resamples of the test studies for 95% CIs (amrg.metrics.bootstrap); 0: no CIs
     report_samples: int = 8  # test studies shown in eval/report.html (images, CAMs, reports); 0: tables only
+    # score against references cut to their first N LLM tokens, as the released AM-MRG / MambaXray-VL code
+    # does (100; 60 on IU X-ray) to compare with published numbers; 0: the full references
+    reference_max_tokens: int = 0
 
     def check(self) -> list[str]:
         errs = _positive(self, "evaluate", ["batch_size"])
         return errs + [f"evaluate.{k} must be >= 0 (got {getattr(self, k)!r})"
-                       for k in ("bootstrap", "report_samples") if getattr(self, k) < 0]
+                       for k in ("bootstrap", "report_samples", "reference_max_tokens") if getattr(self, k) < 0]
 
 
 @dataclass(frozen=True)

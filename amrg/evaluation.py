@@ -79,6 +79,47 @@ def score_systems(refs: list[str], systems: dict[str, list[str]], ref_labels: np
     return Scores(out, boot, seconds)
 
 
+def template_guard(scores: Scores, ref_labels: np.ndarray, uncertain_as: str) -> dict:
+    """Template collapse, per system: the share of distinct reports, the vocabulary size, and per label
+    the predicted vs reference prevalence (under the CE convention's ``uncertain_as``). A system that
+    writes one report for every study has a distinct ratio of 1/S, whatever BLEU says."""
+    ref = binarize(ref_labels, uncertain_as).mean(0)
+    out = {}
+    for name, s in scores.systems.items():
+        pred = binarize(s.labels, uncertain_as).mean(0)
+        out[name] = {"distinct_ratio": len(set(s.texts)) / max(len(s.texts), 1),
+                     "vocabulary": len({w for t in s.texts for w in t.split()}),
+                     "prevalence": {n: {"predicted": float(pred[j]), "reference": float(ref[j])}
+                                    for j, n in enumerate(CHEXPERT_14)}}
+    return out
+
+
+def collapse_warning(scores: Scores, guard: dict) -> str | None:
+    """A warning when the model does not beat the most frequent report on CE F1 (the paired 95% CI of
+    model - most_frequent does not lie above 0), or writes fewer distinct reports than 1 in 10 studies."""
+    problems = []
+    paired = ((scores.bootstrap or {}).get("paired") or {}).get("most_frequent", {}).get("ce", {}).get("f1")
+    if paired is not None and paired["lo"] <= 0:
+        problems.append(f"the model does not beat the most-frequent report on CE F1 (paired difference "
+                        f"{paired['diff']:+.3f}, 95% CI [{paired['lo']:+.3f}, {paired['hi']:+.3f}])")
+    elif paired is None and "most_frequent" in scores.systems:
+        f1 = scores.systems["model"].scores["ce"]["f1"], scores.systems["most_frequent"].scores["ce"]["f1"]
+        if f1[0] <= f1[1]:
+            problems.append(f"the model's CE F1 {f1[0]:.3f} is not above the most-frequent report's {f1[1]:.3f}")
+    if guard["model"]["distinct_ratio"] < 0.1:
+        problems.append(f"only {guard['model']['distinct_ratio']:.1%} of the generated reports are distinct")
+    return ("possible template collapse: " + "; ".join(problems)) if problems else None
+
+
+def truncate_references(refs: list[str], tokenizer, max_tokens: int) -> list[str]:
+    """The references cut to their first ``max_tokens`` tokens of the LLM's tokenizer, as the released
+    AM-MRG and MambaXray-VL code score (100 tokens; 60 on IU X-ray); ``max_tokens = 0``: unchanged."""
+    if not max_tokens:
+        return list(refs)
+    ids = tokenizer(list(refs), add_special_tokens=False, truncation=True, max_length=max_tokens)["input_ids"]
+    return [t.strip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+
 def _headline(s: dict) -> dict:
     """A system's scores without the per-label CE and the convention (those go to details.json)."""
     return {**{k: v for k, v in s.items() if k != "ce"},
@@ -86,29 +127,38 @@ def _headline(s: dict) -> dict:
 
 
 def build_result(scores: Scores, ev, seed: int, *, phantom: bool, n_test: int, classifier_test: dict,
-                 timings: dict) -> dict:
-    """``eval/metrics.json``: headline scores of the model and baselines, 95% CIs, protocol, convention."""
+                 timings: dict, guard: dict | None = None) -> dict:
+    """``eval/metrics.json``: headline scores of the model and baselines, 95% CIs, protocol, convention,
+    the template-collapse guard (distinct ratio and vocabulary; prevalences go to details.json)."""
     model = scores.systems["model"]
+    protocol_ = protocol(ev.nlg_tokenization, ev.meteor)
+    if getattr(ev, "reference_max_tokens", 0):
+        protocol_["references"] = (f"cut to their first {ev.reference_max_tokens} tokens of the LLM's tokenizer "
+                                   "(evaluate.reference_max_tokens), as the released AM-MRG code scores")
     return {
         PHANTOM_FLAG: phantom,
         "note": "scores on PHANTOM images drawn from the labels; not comparable with real-image results"
         if phantom else "real images",
         "n_test": n_test,
         "empty_generated": count_empty(model.texts),  # scored as all-negative reports, counted here
-        "nlg_protocol": protocol(ev.nlg_tokenization, ev.meteor),
+        "nlg_protocol": protocol_,
         "ce_convention": {k: v for k, v in model.scores["ce"]["convention"].items() if k != "label_names"},
         "ci_method": method(ev.bootstrap, seed) if scores.bootstrap else None,
         "model": _headline(model.scores),
         "baselines": {name: _headline(s.scores) for name, s in scores.systems.items() if name != "model"},
         "ci95": scores.bootstrap["ci"] if scores.bootstrap else None,
         "classifier_test": {"mean_auroc": classifier_test["mean_auroc"], "mean_ap": classifier_test["mean_ap"]},
+        **({"template_guard": {n: {k: v for k, v in g.items() if k != "prevalence"} for n, g in guard.items()},
+            "warning": collapse_warning(scores, guard)} if guard is not None else {}),
         **timings, **scores.seconds,
     }
 
 
-def build_details(scores: Scores, classifier_test: dict, sample_ids: list[str]) -> dict:
-    """``eval/details.json``: per-label CE of every system, paired differences, per-label AUROC."""
+def build_details(scores: Scores, classifier_test: dict, sample_ids: list[str], guard: dict | None = None) -> dict:
+    """``eval/details.json``: per-label CE of every system, paired differences, per-label AUROC, and
+    per label the predicted vs reference prevalence of every system."""
     return {"ce_per_label": per_label(scores),
+            "prevalence": {n: g["prevalence"] for n, g in guard.items()} if guard is not None else None,
             "ce_label_names": scores.systems["model"].scores["ce"]["convention"]["label_names"],
             "paired_differences": scores.bootstrap["paired"] if scores.bootstrap else None,
             "classifier_test_per_label": classifier_test["per_label"],
@@ -163,12 +213,14 @@ def report_samples(run, test: EvalSplit, rows: np.ndarray, study_probs: np.ndarr
     return out
 
 
-def phantom_localisation(run, test: EvalSplit, views: np.ndarray, seed: int, method: str, batch_size: int) -> dict:
+def phantom_localisation(run, test: EvalSplit, labels: np.ndarray, views: np.ndarray, seed: int, method: str,
+                         batch_size: int) -> dict:
     """Where the truth is known (phantom images, :mod:`amrg.data.phantoms`): for every test image and every
     finding drawn on it, the classifier's ``method`` CAM of that disease against the drawn region. The
     pointing-game hit rate (:func:`amrg.cam.pointing_game`) and the mean lift of CAM mass inside the
     region over chance (:func:`amrg.cam.cam_hit`: 1 is a uniform map), per disease and over all pairs.
-    ``views[r]`` is image row r's view index (the drawing's view is ``views[r] % 2``)."""
+    ``labels`` are the studies' labels the images were drawn from (preprocess's), ``views[r]`` image row
+    r's view index (the drawing's view is ``views[r] % 2``), ``seed`` preprocess's ``runtime.seed``."""
     from .cam import cam_hit, pointing_game
     from .data.phantoms import phantom_regions, phantom_seed
 
@@ -176,7 +228,7 @@ def phantom_localisation(run, test: EvalSplit, views: np.ndarray, seed: int, met
     pairs = []  # (image row, disease, region)
     for s, rows in enumerate(test.view_rows):
         for r in dict.fromkeys(int(x) for x in rows):
-            drawn = phantom_regions(test.ref_labels[s], int(views[r]) % 2, size, phantom_seed(test.ids[s], seed))
+            drawn = phantom_regions(labels[s], int(views[r]) % 2, size, phantom_seed(test.ids[s], seed))
             pairs += [(r, CHEXPERT_14.index(name), region) for name, region in drawn.items() if region.any()]
     maps = run.cams(test.pixels[[r for r, _, _ in pairs]], [d for _, d, _ in pairs], method, batch_size)
     per: dict[str, dict[str, list]] = {}

@@ -17,7 +17,8 @@ import torch
 
 from amrg.data.store import image_targets, load_images, load_studies
 from amrg.evaluation import (EvalSplit, baseline_systems, build_details, build_result, check_java, per_label,
-                             phantom_localisation, pick_samples, report_samples, score_systems, summary)
+                             phantom_localisation, pick_samples, report_samples, score_systems, summary,
+                             template_guard, truncate_references)
 from amrg.inference import MAX_CAMS, load_run, study_probabilities
 from amrg.io import read_json, setup_runtime, write_json, write_parquet, write_text
 from amrg.labels import label
@@ -41,7 +42,13 @@ def main(argv: list[str] | None = None) -> None:
         raise ValueError(f"no test studies in {layout.studies}: check data.annotation and data.max_studies")
     pixels = torch.from_numpy(images.pixels.copy())
     ids = [studies.ids[i] for i in test]
-    ts = EvalSplit(ids, [studies.reports[i] for i in test], studies.labels[test], images.study_views(ids, N_VIEWS), pixels)
+
+    def labeler(texts: list[str]) -> np.ndarray:
+        return label(texts, params.labels.labeler, device=str(device), **params.labels.options())
+
+    refs = truncate_references([studies.reports[i] for i in test], run.generator.tokenizer, ev.reference_max_tokens)
+    ref_labels = labeler(refs) if ev.reference_max_tokens else studies.labels[test]  # as preprocess labels them
+    ts = EvalSplit(ids, refs, ref_labels, images.study_views(ids, N_VIEWS), pixels)
 
     test_imgs = np.flatnonzero(images.split == "test")
     img_probs = run.probabilities(pixels, test_imgs, ev.batch_size)
@@ -54,19 +61,20 @@ def main(argv: list[str] | None = None) -> None:
     hyps = run.generate(f, fd, params.decode, ev.batch_size, desc="generate test reports")
     gen_seconds = gen_timer()
 
-    def labeler(texts: list[str]) -> np.ndarray:
-        return label(texts, params.labels.labeler, device=str(device), **params.labels.options())
-
     systems = baseline_systems(hyps, [studies.reports[i] for i in train], train_fd, fd, ts.ref_labels, labeler,
                                ev.ce_uncertain_as)
     scores = score_systems(ts.refs, systems, ts.ref_labels, labeler, ev, seed)
     timings = {"generation": {"seconds": gen_seconds, "reports_per_s": round(len(test) / max(gen_seconds, 1e-9), 2)}}
+    guard = template_guard(scores, ts.ref_labels, ev.ce_uncertain_as)
     result = build_result(scores, ev, seed, phantom=layout.is_phantom(), n_test=len(test), classifier_test=cls_test,
-                          timings=timings)
+                          timings=timings, guard=guard)
+    if result["warning"]:
+        log.warning("%s", result["warning"])
     if layout.is_phantom():  # the drawn findings are the ground truth of where CAM should point
         loc_timer = Timer()
-        localisation = phantom_localisation(run, ts, images.views, read_json(layout.params("preprocess"))["runtime"]["seed"],
-                                            params.cam.method, ev.batch_size)
+        drawn_with = read_json(layout.params("preprocess"))["runtime"]["seed"]
+        localisation = phantom_localisation(run, ts, studies.labels[test], images.views, drawn_with, params.cam.method,
+                                            ev.batch_size)
         result["cam_localisation"] = {k: v for k, v in localisation.items() if k != "per_disease"}
         result["cam_localisation_seconds"] = loc_timer()
 
@@ -81,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
                                           auroc=cls_test["per_label"], notes=[note], title="amrg evaluation: test split"))
     result["report_seconds"], result["seconds"] = report_timer(), timer()
     write_json(out / "metrics.json", result)
-    write_json(out / "details.json", {**build_details(scores, cls_test, [ids[i] for i in picked]),
+    write_json(out / "details.json", {**build_details(scores, cls_test, [ids[i] for i in picked], guard),
                                       "cam_localisation_per_disease": localisation["per_disease"] if layout.is_phantom() else None})
     write_parquet(out / "predictions.parquet", {"id": ids, "reference": ts.refs, "generated": hyps,
                                                 **{f"baseline_{k}": v for k, v in systems.items() if k != "model"}})

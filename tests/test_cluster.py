@@ -33,7 +33,7 @@ from ._workspace import make_workspace
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIM = Path(__file__).resolve().parent / "faults"
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]  # whole-DAG runs: longer than the global 300 s
 
 # the smoke overlay (configs/tiny.yaml) with a checkpoint after every step, so a kill lands mid-epoch
 CHECKPOINT_EVERY_STEP = {"classifier": {"checkpoint_every": 1}, "generator": {"checkpoint_every": 1}}

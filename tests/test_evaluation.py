@@ -47,7 +47,7 @@ def phantom_test():
 
 def test_phantom_localisation_known_answers(phantom_test):
     test, views, seed = phantom_test
-    oracle = phantom_localisation(_FakeRun(test, views, seed, "oracle"), test, views, seed, "gradcam", 8)
+    oracle = phantom_localisation(_FakeRun(test, views, seed, "oracle"), test, test.ref_labels, views, seed, "gradcam", 8)
     regions = [(s, r, n, m) for s, rows in enumerate(test.view_rows) for r in rows.tolist()
                for n, m in phantom_regions(test.ref_labels[s], int(views[r]) % 2, SIZE,
                                            phantom_seed(test.ids[s], seed)).items() if m.any()]
@@ -55,7 +55,7 @@ def test_phantom_localisation_known_answers(phantom_test):
     assert oracle["pointing_game"] == 1.0  # the map's maximum is the region
     assert oracle["mean_lift"] == pytest.approx(np.mean([1 / m.mean() for *_, m in regions]))  # all mass inside
     assert set(oracle["per_disease"]) == {n for _, _, n, _ in regions}
-    uniform = phantom_localisation(_FakeRun(test, views, seed, "uniform"), test, views, seed, "gradcam", 8)
+    uniform = phantom_localisation(_FakeRun(test, views, seed, "uniform"), test, test.ref_labels, views, seed, "gradcam", 8)
     assert uniform["pointing_game"] == 0.0 and uniform["mean_lift"] == pytest.approx(1.0)  # chance
 
 
@@ -91,3 +91,53 @@ def test_selection_rule():
     assert lo.better(0.1, 0.2) and not lo.better(0.2, 0.2) and hi.better(0.3, 0.2) and lo.better(5.0, None)
     with pytest.raises(ValueError):
         Selection("val_loss", "lowest")
+
+
+def _scores(texts_by_system, ref_labels, label_by_text):
+    from amrg.evaluation import Scores, SystemScores
+
+    systems = {}
+    for name, texts in texts_by_system.items():
+        labels = np.stack([label_by_text[t] for t in texts])
+        systems[name] = SystemScores(texts, {"ce": {"f1": 0.0}}, labels, None)
+    return Scores(systems, None, {})
+
+
+def test_template_guard_counts_distinct_reports_vocabulary_and_prevalence():
+    from amrg.evaluation import template_guard
+
+    e, c = CHEXPERT_14.index("Edema"), CHEXPERT_14.index("Cardiomegaly")
+    lab = {"a b .": np.full(14, np.nan), "a c d .": np.full(14, np.nan)}
+    lab["a c d ."][e] = 1
+    lab["a c d ."][c] = -1
+    ref = np.full((4, 14), np.nan)
+    ref[:2, e] = 1
+    scores = _scores({"model": ["a b .", "a c d .", "a c d .", "a c d ."], "most_frequent": ["a b ."] * 4}, ref, lab)
+    g = template_guard(scores, ref, "negative")
+    assert g["model"]["distinct_ratio"] == 0.5 and g["most_frequent"]["distinct_ratio"] == 0.25
+    assert g["model"]["vocabulary"] == 5 and g["most_frequent"]["vocabulary"] == 3  # a b c d .  /  a b .
+    assert g["model"]["prevalence"]["Edema"] == {"predicted": 0.75, "reference": 0.5}
+    assert g["model"]["prevalence"]["Cardiomegaly"]["predicted"] == 0.0  # uncertain counts as negative
+    assert template_guard(scores, ref, "positive")["model"]["prevalence"]["Cardiomegaly"]["predicted"] == 0.75
+
+
+def test_collapse_warning_uses_the_paired_interval():
+    from amrg.evaluation import Scores, SystemScores, collapse_warning
+
+    s = {n: SystemScores(["x"], {"ce": {"f1": 0.1}}, np.zeros((1, 14)), None) for n in ("model", "most_frequent")}
+    guard = {"model": {"distinct_ratio": 1.0}}
+    beats = {"paired": {"most_frequent": {"ce": {"f1": {"diff": 0.05, "lo": 0.01, "hi": 0.09}}}}}
+    ties = {"paired": {"most_frequent": {"ce": {"f1": {"diff": 0.01, "lo": -0.02, "hi": 0.04}}}}}
+    assert collapse_warning(Scores(s, beats, {}), guard) is None
+    assert "does not beat the most-frequent report on CE F1" in collapse_warning(Scores(s, ties, {}), guard)
+    assert "distinct" in collapse_warning(Scores(s, beats, {}), {"model": {"distinct_ratio": 0.05}})
+
+
+def test_reference_truncation_to_llm_tokens():
+    from amrg.evaluation import truncate_references
+    from amrg.models.llm import train_word_tokenizer
+
+    tok = train_word_tokenizer(["the heart is normal . the lungs are clear ."], 1)
+    refs = ["the heart is normal . the lungs are clear .", "the lungs ."]
+    assert truncate_references(refs, tok, 0) == refs
+    assert truncate_references(refs, tok, 3) == ["the heart is", "the lungs ."]

@@ -108,33 +108,6 @@ def test_a_killed_run_never_leaves_the_workspace_locked(tmp_path):
         pass
 
 
-def test_params_overlay_is_validated_before_anything_is_written(tmp_path):
-    from amrg.config import ParamsError
-    from flows.dvc_tasks import apply_params_overlay
-
-    original = (ROOT / "params.yaml").read_text()
-    (tmp_path / "params.yaml").write_text(original)
-    changed = apply_params_overlay(tmp_path, {"hopfield.beta": 8.0, "cam": {"tau": 0.4}})
-    assert changed == {"hopfield.beta": 8.0, "cam.tau": 0.4}
-    merged = (tmp_path / "params.yaml").read_text()
-    raw = yaml.safe_load(merged)
-    assert raw["hopfield"]["beta"] == 8.0 and raw["cam"]["tau"] == 0.4
-    assert merged.count("#") == original.count("#")  # comments kept
-    for bad, message in [({"hopfield.beta": "eight"}, "hopfield.beta: expected float"),
-                         ({"cam.tua": 0.4}, "cam.tua: unknown key"),
-                         ({"generator.epochs": 0}, "generator.epochs must be > 0"),
-                         ({"cam.tau.x": 1}, "cam.tau is not a section")]:
-        with pytest.raises(ParamsError, match=message):
-            apply_params_overlay(tmp_path, bad)
-        assert (tmp_path / "params.yaml").read_text() == merged  # untouched
-    overlay = tmp_path / "overlay.yaml"
-    overlay.write_text("decode:\n  max_new_tokens: 20\n")
-    assert apply_params_overlay(tmp_path, "overlay.yaml") == {"decode.max_new_tokens": 20}
-    assert apply_params_overlay(tmp_path, "overlay.yaml") == {}  # already applied: file not rewritten
-    with pytest.raises(FileNotFoundError, match="params overlay 'nope.yaml' not found"):
-        apply_params_overlay(tmp_path, "nope.yaml")
-
-
 def test_shared_remote_is_a_relative_sibling_directory():
     """.dvc/config: the default remote is a local directory beside the checkout, no machine path."""
     text = (ROOT / ".dvc/config").read_text()

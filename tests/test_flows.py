@@ -335,6 +335,7 @@ def read_table_artifact() -> list[dict]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_flow_end_to_end(prefect_harness, dvc_repo, capsys):
     from flows.pipeline import main, pipeline
 
@@ -358,6 +359,7 @@ def test_flow_end_to_end(prefect_harness, dvc_repo, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_flow_permanent_failure_stops_downstream(prefect_harness, dvc_repo, monkeypatch):
     from flows.pipeline import PipelineStageFailed, pipeline
 
@@ -371,6 +373,7 @@ def test_flow_permanent_failure_stops_downstream(prefect_harness, dvc_repo, monk
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_cli_validation_errors(prefect_harness, dvc_repo, capsys):
     """Validation happens once, in the flow, before anything runs; the CLI turns it into exit code 2."""
     from flows.pipeline import main, select_stages
@@ -395,6 +398,7 @@ def _dvc(args, cwd):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_flow_shares_stages_through_the_remote(prefect_harness, dvc_repo, tmp_path):
     """Worker 1 computes (the flaky stage retried once), pushes with --run-cache and saves an
     experiment; worker 2, a fresh workspace on the same remote, restores every stage and runs none."""
@@ -419,6 +423,7 @@ def test_flow_shares_stages_through_the_remote(prefect_harness, dvc_repo, tmp_pa
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_flow_refuses_a_busy_workspace(prefect_harness, dvc_repo):
     from flows.dvc_tasks import WorkspaceBusy, workspace_lock
     from flows.pipeline import pipeline
@@ -436,6 +441,7 @@ def _snapshot(repo: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_overlay_runs_as_a_temporary_experiment(prefect_harness, dvc_repo):
     """An overlay never writes the workspace: the stages run in DVC's temporary copy, the result is the
     named experiment (its metrics in the table), params.yaml / dvc.lock / outputs stay as they were."""
@@ -477,6 +483,7 @@ sys.exit(main(sys.argv[1:]))
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_overlay_run_killed_mid_stage_leaves_params_untouched(prefect_harness, dvc_repo):
     """``kill -9`` of the flow while a stage of the overlay run is running: params.yaml (and every other
     workspace file) is byte-identical to before, during the run and after it."""
@@ -516,6 +523,7 @@ def test_overlay_run_killed_mid_stage_leaves_params_untouched(prefect_harness, d
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_prefect_yaml_registers_against_a_server(prefect_harness, tmp_path):
     """`prefect deploy --all` of prefect.yaml against the harness's API: with the GPU (docker) and
     process pools created, the nightly, sweep and process deployments register with their cron,

@@ -8,7 +8,7 @@ import torch
 
 from amrg.banks import mask_to_grid, masked_mean_pool, sample_reports_by_disease, select_regions, sentence_rows
 from amrg.cam import apply_mask, patch_mask
-from amrg.models.classifier import (ClassifierSpec, DiseaseClassifier, binarise_targets, classifier_loss,
+from amrg.models.classifier import (ClassifierSpec, DiseaseClassifier, classifier_loss,
                                     positive_weights)
 from amrg.models.hopfield import HopfieldRetrieval, hopfield_descent, hopfield_energy, hopfield_retrieve
 from amrg.models.qformer import orthogonality_loss
@@ -133,12 +133,6 @@ def test_positive_weights_by_hand():
     torch.testing.assert_close(positive_weights(targets, cap=3.5), torch.tensor([1 / 3, 3.0, 3.5]))
     torch.testing.assert_close(positive_weights(targets, cap=100.0), torch.tensor([1 / 3, 3.0, 4.0]))
     torch.testing.assert_close(positive_weights(torch.ones(5, 2), cap=10.0), torch.zeros(2))
-
-
-def test_binarise_targets():
-    lab = torch.tensor([[1.0, 0.0, -1.0, float("nan")]])
-    assert binarise_targets(lab, "negative").tolist() == [[1, 0, 0, 0]]
-    assert binarise_targets(lab, "positive").tolist() == [[1, 0, 1, 0]]
 
 
 def test_hopfield_one_step_is_softmax_retrieval():

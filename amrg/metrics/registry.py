@@ -16,7 +16,7 @@ LABELS: dict[str, str] = {
     "BLEU_1": "BLEU-1", "BLEU_2": "BLEU-2", "BLEU_3": "BLEU-3", "BLEU_4": "BLEU-4", "METEOR": "METEOR",
     "ROUGE_L": "ROUGE-L", "CIDEr": "CIDEr", "ce.precision": "CE P", "ce.recall": "CE R", "ce.f1": "CE F1",
 }
-# the compact headline table (flow artifact, console summary, sweep comparison, `amrg show`)
+# the compact headline table (flow artifact, console summary, sweep comparison, `python -m flows.show`)
 HEADLINE: tuple[str, ...] = ("BLEU_1", "BLEU_4", "METEOR", "ROUGE_L", "CIDEr", "ce.precision", "ce.recall", "ce.f1")
 
 

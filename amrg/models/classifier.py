@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..io import autocast
+from ..io import autocast, progress
 from .qformer import QFormer, orthogonality_loss
 from .vision import VisionEncoder
 
@@ -84,19 +84,13 @@ def positive_weights(targets: torch.Tensor, cap: float) -> torch.Tensor:
     return ((targets.shape[0] - pos) / pos.clamp(min=1)).clamp(max=cap)
 
 
-def binarise_targets(labels: torch.Tensor, uncertain_as: str) -> torch.Tensor:
-    """CheXpert values (1, 0, -1, NaN) -> {0, 1}: NaN (not mentioned) -> 0, -1 -> ``uncertain_as``."""
-    t = torch.nan_to_num(labels, nan=0.0)
-    return torch.where(t < 0, torch.tensor(1.0 if uncertain_as == "positive" else 0.0, dtype=t.dtype), t)
-
-
 @torch.no_grad()
 def predict_proba(model: DiseaseClassifier, pixels: torch.Tensor, rows, device: torch.device,
                   precision: str, batch: int) -> np.ndarray:
     """Sigmoid probabilities ``(len(rows), 14)`` for the images ``pixels[rows]``, in batches."""
     model.eval()
     out = [torch.zeros(0, model.spec.n_queries)]
-    for s in range(0, len(rows), batch):
+    for s in progress(range(0, len(rows), batch), "classifier probabilities", unit="batch"):
         with autocast(device, precision):
             out.append(torch.sigmoid(model(pixels[rows[s:s + batch]].to(device)).float()).cpu())
     return np.asarray(torch.cat(out).numpy())
