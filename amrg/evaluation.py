@@ -120,6 +120,31 @@ def truncate_references(refs: list[str], tokenizer, max_tokens: int) -> list[str
     return [t.strip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
 
+def _version(package: str) -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def labeler_provenance(labels) -> dict:
+    """Which labeler made the CE labels (both sides), with the checkpoint's sha256 for CheXbert.
+    ``labels`` is :class:`amrg.config.Labels`."""
+    out = {"labeler": labels.labeler, "amrg": _version("amrg")}
+    if labels.labeler == "chexbert" and labels.chexbert_checkpoint:
+        import hashlib
+        from pathlib import Path
+
+        h = hashlib.sha256()
+        with Path(labels.chexbert_checkpoint).open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        out.update(checkpoint=labels.chexbert_checkpoint, sha256=h.hexdigest(), tokenizer=labels.chexbert_tokenizer)
+    return out
+
+
 def _headline(s: dict) -> dict:
     """A system's scores without the per-label CE and the convention (those go to details.json)."""
     return {**{k: v for k, v in s.items() if k != "ce"},
@@ -127,14 +152,14 @@ def _headline(s: dict) -> dict:
 
 
 def build_result(scores: Scores, ev, seed: int, *, phantom: bool, n_test: int, classifier_test: dict,
-                 timings: dict, guard: dict | None = None) -> dict:
+                 timings: dict, guard: dict | None = None, labels=None) -> dict:
     """``eval/metrics.json``: headline scores of the model and baselines, 95% CIs, protocol, convention,
     the template-collapse guard (distinct ratio and vocabulary; prevalences go to details.json)."""
     model = scores.systems["model"]
     protocol_ = protocol(ev.nlg_tokenization, ev.meteor)
-    if getattr(ev, "reference_max_tokens", 0):
-        protocol_["references"] = (f"cut to their first {ev.reference_max_tokens} tokens of the LLM's tokenizer "
-                                   "(evaluate.reference_max_tokens), as the released AM-MRG code scores")
+    if ev.reference_max_tokens:
+        protocol_["references_truncated"] = (f"to their first {ev.reference_max_tokens} tokens of the LLM's tokenizer "
+                                             "(evaluate.reference_max_tokens), as the released AM-MRG code scores")
     return {
         PHANTOM_FLAG: phantom,
         "note": "scores on PHANTOM images drawn from the labels; not comparable with real-image results"
@@ -143,6 +168,8 @@ def build_result(scores: Scores, ev, seed: int, *, phantom: bool, n_test: int, c
         "empty_generated": count_empty(model.texts),  # scored as all-negative reports, counted here
         "nlg_protocol": protocol_,
         "ce_convention": {k: v for k, v in model.scores["ce"]["convention"].items() if k != "label_names"},
+        "provenance": registry.provenance({"pycocoevalcap": _version("pycocoevalcap")},
+                                          {"labeler": labeler_provenance(labels)} if labels is not None else None),
         "ci_method": method(ev.bootstrap, seed) if scores.bootstrap else None,
         "model": _headline(model.scores),
         "baselines": {name: _headline(s.scores) for name, s in scores.systems.items() if name != "model"},

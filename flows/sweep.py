@@ -24,6 +24,19 @@ Grid file (YAML)::
         grid: {hopfield.beta: [1.0, 4.0]}           # the cartesian product of the lists ...
         points: [{hopfield.visual: false}]          # ... and/or explicit points
         set: {decode.num_beams: 1}                  # overrides shared by every point of the table
+      reproduce:
+        title: One configuration over five seeds
+        seeds: [0, 1, 2, 3, 4]                      # `runtime.seed` values (or `seeds: 5` for 0..4)
+        set: {hopfield.beta: 4.0}                   # no grid/points: one configuration (params.yaml + set)
+
+A table with ``seeds:`` runs each of its points (with no ``grid``/``points``: the one configuration of
+params.yaml plus ``set``) once per seed, ``-S runtime.seed=<seed>``, as ``<grid>-<table>-s<seed>``
+(``<grid>-<table>-<NN>-s<seed>`` when it has several points). Its comparison has one row per seed run
+and system (the model and every baseline of the evaluate metrics file, each with the paired 95%
+bootstrap CI of that run) and, per point and system, a row ``mean ± sd over N seeds``: the mean and the
+sample standard deviation (n - 1) across the successful seed runs (:func:`seed_summary`). A metric
+column ``[file:]model.KEY`` reads ``baselines.<name>.KEY`` for a baseline; other columns are the
+model's only. ``runtime.seed`` may not be set otherwise in such a table (grid, points or set).
 
 Before anything is queued, every grid point is validated as the pipeline validates an overlay: its
 keys must be in the repository's params.yaml, and params.yaml with the point applied must pass
@@ -44,6 +57,7 @@ import io  # noqa: E402
 import itertools  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
+import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
@@ -63,6 +77,8 @@ from flows.dvc_tasks import remove_experiments, run_dvc, set_args, validate_over
 EVAL_METRICS = "artifacts/eval/metrics.json"
 HEADLINE = {registry.label(k): f"model.{k}" for k in registry.HEADLINE}  # column -> dotted key
 DONE = {"Success", "Failed"}
+SEED_KEY = "runtime.seed"
+AGGREGATE = "aggregate"  # state of a `mean ± sd over N seeds` row
 
 
 class SweepError(RuntimeError):
@@ -80,11 +96,47 @@ class Grid:
     titles: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, str] = field(default_factory=lambda: dict(HEADLINE))
     jobs: int = 1
+    seeds: dict[str, list[int]] = field(default_factory=dict)  # seed table -> its runtime.seed values
 
     def experiments(self) -> list[tuple[str, str, dict[str, Any]]]:
-        """(experiment name, table, point) in grid order."""
-        return [(f"{self.name}-{table}-{i:02d}".replace("_", "-"), table, point)
-                for table, points in self.tables.items() for i, point in enumerate(points, 1)]
+        """(experiment name, table, point) in grid order; a seed table's points carry ``runtime.seed``."""
+        out = []
+        for table, points in self.tables.items():
+            seeds = self.seeds.get(table)
+            for i, point in enumerate(points, 1):
+                if seeds is None:
+                    out.append((f"{self.name}-{table}-{i:02d}".replace("_", "-"), table, point))
+                    continue
+                stem = f"{self.name}-{table}" + (f"-{i:02d}" if len(points) > 1 else "")
+                out += [(f"{stem}-s{s}".replace("_", "-"), table, {**point, SEED_KEY: s}) for s in seeds]
+        return out
+
+    def seed_groups(self, table: str) -> list[tuple[dict[str, Any], list[tuple[str, int]]]]:
+        """A seed table's points (without the seed), each with its ``[(experiment, seed), ...]``."""
+        groups: dict[str, tuple[dict[str, Any], list[tuple[str, int]]]] = {}
+        for name, t, point in self.experiments():
+            if t == table:
+                config = {k: v for k, v in point.items() if k != SEED_KEY}
+                groups.setdefault(json.dumps(config, sort_keys=True, default=str), (config, []))[1].append(
+                    (name, point[SEED_KEY]))
+        return list(groups.values())
+
+
+def _seeds(table: str, spec: dict[str, Any]) -> list[int] | None:
+    raw = spec.get("seeds")
+    if raw is None:
+        return None
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        raw = list(range(raw))
+    if not isinstance(raw, list) or not raw or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
+                                                       for s in raw):
+        raise SweepConfigError(f"table {table}: `seeds` must be a non-empty list of integers >= 0 (or a count)")
+    if len(set(raw)) != len(raw):
+        raise SweepConfigError(f"table {table}: repeated seed(s) in {raw}")
+    if SEED_KEY in (spec.get("set") or {}) or SEED_KEY in (spec.get("grid") or {}) or any(
+            SEED_KEY in (p or {}) for p in spec.get("points") or []):
+        raise SweepConfigError(f"table {table}: {SEED_KEY} is given by `seeds`, not by grid/points/set")
+    return list(raw)
 
 
 def load_grid(path: str | Path, only: list[str] | None = None) -> Grid:
@@ -95,29 +147,35 @@ def load_grid(path: str | Path, only: list[str] | None = None) -> Grid:
     name = str(raw.get("name") or Path(path).stem)
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name):
         raise SweepConfigError(f"grid name {name!r}: letters, digits, '-' and '_' only (it names git refs)")
-    tables, titles = {}, {}
+    tables, titles, seed_lists = {}, {}, {}
     for table, spec in (raw.get("tables") or {}).items():
         if only and table not in only:
             continue
         spec = spec or {}
-        unknown = set(spec) - {"title", "grid", "points", "set"}
+        unknown = set(spec) - {"title", "grid", "points", "set", "seeds"}
         if unknown:
-            raise SweepConfigError(f"table {table}: unknown fields {sorted(unknown)} (allowed: title, grid, points, set)")
+            raise SweepConfigError(f"table {table}: unknown fields {sorted(unknown)} "
+                                   "(allowed: title, grid, points, set, seeds)")
+        seeds = _seeds(table, spec)
         shared = spec.get("set") or {}
         grid = spec.get("grid") or {}
         points = [dict(p) for p in spec.get("points") or []]
         if grid:
             keys = list(grid)
             points += [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
+        if not points and seeds is not None:
+            points = [{}]  # a seed table without grid/points: the one configuration params.yaml + set
         if not points:
-            raise SweepConfigError(f"table {table}: no points (give `grid:` lists and/or `points:`)")
+            raise SweepConfigError(f"table {table}: no points (give `grid:` lists and/or `points:`, or `seeds:`)")
         tables[table] = [{**shared, **p} for p in points]
         titles[table] = str(spec.get("title", table))
+        if seeds is not None:
+            seed_lists[table] = seeds
     if only and (missing := sorted(set(only) - set(tables))):
         raise SweepConfigError(f"unknown table(s) {missing}; the grid has {sorted((raw.get('tables') or {}))}")
     if not tables:
         raise SweepConfigError(f"{path}: no tables")
-    return Grid(name, tables, titles, dict(raw.get("metrics") or HEADLINE), int(raw.get("jobs", 1)))
+    return Grid(name, tables, titles, dict(raw.get("metrics") or HEADLINE), int(raw.get("jobs", 1)), seed_lists)
 
 
 def validate_points(grid: Grid, params_yaml: Path) -> None:
@@ -160,9 +218,21 @@ def _dvc(repo: Path, args: list[str], log=print, quiet: bool = False) -> str:
     return "\n".join(res.lines)
 
 
+def system_spec(spec: str, system: str) -> str | None:
+    """The metric column ``spec`` (``[file:]model.KEY``) for one system: the model's as it is, a
+    baseline's ``[file:]baselines.<system>.KEY``; None for a baseline when the column is not the model's."""
+    if system == "model":
+        return spec
+    path, _, key = spec.rpartition(":")
+    head, _, rest = key.partition(".")
+    return f"{path + ':' if path else ''}baselines.{system}.{rest}" if head == "model" and rest else None
+
+
 def collect(show: list[dict], grid: Grid, baseline: bool = True) -> list[dict[str, Any]]:
     """Rows of the comparison from ``dvc exp show --json``: experiment, table, state, swept params, metrics
-    (and ``<metric> lo`` / ``<metric> hi`` where the evaluate stage wrote a 95% CI for it)."""
+    (and ``<metric> lo`` / ``<metric> hi`` where the evaluate stage wrote a 95% CI for it). An experiment of
+    a seed table gives one row per system (``system``: ``model`` and each baseline of the metrics file),
+    followed, per point and system, by its :func:`seed_summary` row."""
     def row_of(entry: dict) -> dict[str, Any]:
         data = entry.get("data") or {}
         params: dict[str, Any] = {}
@@ -189,25 +259,81 @@ def collect(show: list[dict], grid: Grid, baseline: bool = True) -> list[dict[st
     keys = list(dict.fromkeys(k for _, _, p in grid.experiments() for k in p))
     rows = []
 
-    def make(table: str, name: str, got: dict, state: str) -> dict[str, Any]:
+    def make(table: str, name: str, got: dict, state: str, system: str | None = None) -> dict[str, Any]:
         r: dict[str, Any] = {"table": table, "experiment": name, "state": state}
         r.update({k: get_dotted(got["params"], k) for k in keys})
-        for label, spec in grid.metrics.items():
-            r[label] = metric(got["metrics"], spec)
+        if system is not None:
+            r["system"] = system
+        for label, model_spec in grid.metrics.items():
+            spec = system_spec(model_spec, system or "model")
+            r[label] = metric(got["metrics"], spec) if spec else None
+            if spec is None:
+                continue
             path, _, key = spec.rpartition(":")
             head, _, rest = key.partition(".")
+            if head == "baselines":  # ci95 is keyed by system: ci95.<baseline>.KEY
+                head, _, rest = rest.partition(".")
             ci = metric(got["metrics"], f"{path + ':' if path else ''}ci95.{head}.{rest}") if rest else None
             if isinstance(ci, dict) and "lo" in ci:
                 r[f"{label} lo"], r[f"{label} hi"] = ci["lo"], ci["hi"]
         return r
 
+    def systems_of(got: dict) -> list[str]:
+        """``model`` and the baselines of the metrics file the model's first metric column reads."""
+        spec = next(iter(grid.metrics.values()), "")
+        path = spec.rpartition(":")[0]
+        files = [path] if path else ([EVAL_METRICS] if EVAL_METRICS in got["metrics"] else list(got["metrics"]))
+        base = next((b for f in files if isinstance(b := get_dotted(got["metrics"].get(f), "baselines"), dict)), {})
+        return ["model", *base]
+
     for table, name, got, state in base_rows[:1]:
         rows.append(make(table, name, got, state))
-    for name, table, _ in grid.experiments():
-        got = found.get(name)
-        rows.append(make(table, name, got["row"], got["state"]) if got else
-                     {"table": table, "experiment": name, "state": "missing"})
+    for table in grid.tables:
+        seeded = table in grid.seeds
+        table_rows = []
+        for name, t, _ in grid.experiments():
+            if t != table:
+                continue
+            got = found.get(name)
+            if not got:
+                table_rows.append({"table": table, "experiment": name, "state": "missing",
+                                   **({"system": "model"} if seeded else {})})
+            elif seeded:
+                table_rows += [make(table, name, got["row"], got["state"], s) for s in systems_of(got["row"])]
+            else:
+                table_rows.append(make(table, name, got["row"], got["state"]))
+        rows += seed_summary(table_rows, grid, table) if seeded else table_rows
     return rows
+
+
+def seed_summary(rows: list[dict[str, Any]], grid: Grid, table: str) -> list[dict[str, Any]]:
+    """The rows of seed table ``table`` (one per seed run and system) regrouped per point and system, each
+    group followed by its ``mean ± sd over N seeds`` row: state ``aggregate``, ``runtime.seed`` the seeds
+    it averages, ``seeds`` N, and per metric column the mean and ``<metric> sd``, the sample standard
+    deviation (n - 1; None with one seed). Only runs in state ``success`` count; a metric a run lacks is
+    averaged over the runs that have it (``<metric> n``)."""
+    out = []
+    for config, members in grid.seed_groups(table):
+        names = [n for n, _ in members]
+        mine = [r for r in rows if r["experiment"] in names]
+        systems = list(dict.fromkeys(r["system"] for r in mine if r.get("system")))
+        for system in systems:
+            runs = [r for r in mine if r.get("system") == system]
+            out += runs
+            ok = [r for r in runs if r["state"] == "success"]
+            agg: dict[str, Any] = {"table": table, "experiment": f"mean ± sd over {len(ok)} seeds",
+                                   "state": AGGREGATE, **config,
+                                   SEED_KEY: ",".join(str(r.get(SEED_KEY)) for r in ok), "system": system,
+                                   "seeds": len(ok)}
+            for label in grid.metrics:
+                values = [r[label] for r in ok if isinstance(r.get(label), (int, float))
+                          and not isinstance(r.get(label), bool)]
+                agg[label] = statistics.fmean(values) if values else None
+                agg[f"{label} sd"] = statistics.stdev(values) if len(values) >= 2 else None
+                if values and len(values) != len(ok):
+                    agg[f"{label} n"] = len(values)
+            out.append(agg)
+    return out
 
 
 def _fmt(v: Any) -> str:
@@ -216,25 +342,40 @@ def _fmt(v: Any) -> str:
     return "" if v is None else str(v)
 
 
+def _cell(r: dict, c: str, grid: Grid) -> str:
+    v = _fmt(r.get(c))
+    if c not in grid.metrics:
+        return v
+    if r.get("state") == AGGREGATE:
+        if r.get(c) is None:
+            return ""
+        v += f" ± {_fmt(r[f'{c} sd'])}" if r.get(f"{c} sd") is not None else " (one seed: no sd)"
+        return v + (f" (n={r[f'{c} n']})" if r.get(f"{c} n") is not None else "")
+    if r.get(f"{c} lo") is not None:
+        v += f" [{_fmt(r[f'{c} lo'])}, {_fmt(r[f'{c} hi'])}]"
+    return v
+
+
 def to_markdown(rows: list[dict], grid: Grid) -> str:
-    """One markdown table per paper table; metrics with a CI print as ``value [lo, hi]``."""
+    """One markdown table per paper table; metrics with a CI print as ``value [lo, hi]``. A seed table
+    lists every seed run per system, then that system's ``mean ± sd`` row (the committed baseline row,
+    not one of the seeds, is left out there; it stays in the CSV and the other tables)."""
     parts = [f"# Sweep `{grid.name}`\n", "Metric columns: " + ", ".join(f"{k} = `{v}`" for k, v in grid.metrics.items())
-             + ". Brackets: 95% bootstrap CI over test studies (evaluate.bootstrap).\n"]
+             + ". Brackets: 95% bootstrap CI over test studies (evaluate.bootstrap)."
+             + (" `mean ± sd over N seeds`: mean and sample standard deviation (n - 1) across the seed runs"
+                f" (`{SEED_KEY}`) that succeeded." if grid.seeds else "") + "\n"]
     base = [r for r in rows if r["table"] == "baseline"]
     for table, points in grid.tables.items():
+        seeded = table in grid.seeds
         swept = list(dict.fromkeys(k for p in points for k in p))
-        cols = ["experiment", "state", *swept, *grid.metrics]
+        cols = ["experiment", "state", *swept, *([SEED_KEY, "system"] if seeded else []), *grid.metrics]
         parts.append(f"## {grid.titles.get(table, table)} (`{table}`)\n")
+        if seeded:
+            parts.append(f"{len(grid.seeds[table])} seeds ({', '.join(map(str, grid.seeds[table]))}) per configuration.\n")
         parts.append("| " + " | ".join(cols) + " |")
         parts.append("|" + "|".join("---" for _ in cols) + "|")
-        for r in base + [r for r in rows if r["table"] == table]:
-            cells = []
-            for c in cols:
-                v = _fmt(r.get(c))
-                if c in grid.metrics and r.get(f"{c} lo") is not None:
-                    v += f" [{_fmt(r[f'{c} lo'])}, {_fmt(r[f'{c} hi'])}]"
-                cells.append(v)
-            parts.append("| " + " | ".join(cells) + " |")
+        for r in ([] if seeded else base) + [r for r in rows if r["table"] == table]:
+            parts.append("| " + " | ".join(_cell(r, c, grid) for c in cols) + " |")
         parts.append("")
     return "\n".join(parts)
 
@@ -365,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
             print(r["experiment"], " ".join(set_args({k: v for k, v in r.items() if k not in ("table", "experiment", "state")})))
         return 0
     print(to_markdown(rows, load_grid(args.grid, only)))  # already validated by the flow
-    return 0 if all(r["state"] in ("success", "committed") for r in rows) else 1
+    return 0 if all(r["state"] in ("success", "committed", AGGREGATE) for r in rows) else 1
 
 
 if __name__ == "__main__":

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     timings = {"generation": {"seconds": gen_seconds, "reports_per_s": round(len(test) / max(gen_seconds, 1e-9), 2)}}
     guard = template_guard(scores, ts.ref_labels, ev.ce_uncertain_as)
     result = build_result(scores, ev, seed, phantom=layout.is_phantom(), n_test=len(test), classifier_test=cls_test,
-                          timings=timings, guard=guard)
+                          timings=timings, guard=guard, labels=params.labels)
     if result["warning"]:
         log.warning("%s", result["warning"])
     if layout.is_phantom():  # the drawn findings are the ground truth of where CAM should point

@@ -67,3 +67,40 @@ def code_deps(deps: list[str]) -> set[str]:
         elif p.is_dir() and d.split("/")[0] in PACKAGES:
             out |= {f.relative_to(ROOT).as_posix() for f in p.rglob("*.py")}
     return out
+
+
+def compact(files: set[str]) -> list[str]:
+    """Closure files as dvc.yaml lists them: the stage script first, then files, then whole directories
+    where every .py file of the directory is in the closure."""
+    dirs = sorted({Path(f).parent.as_posix() for f in files} - {"amrg", "stages", "."}, key=len)
+    covered: list[str] = []
+    for d in dirs:
+        if not any(d.startswith(c + "/") for c in covered) and \
+                {p.relative_to(ROOT).as_posix() for p in (ROOT / d).rglob("*.py")} <= files:
+            covered.append(d)
+    rest = [f for f in sorted(files) if not any(f.startswith(c + "/") for c in covered)]
+    stages = sorted((f for f in rest if f.startswith("stages/")),
+                    key=lambda f: (f.endswith("__init__.py"), f.endswith("common.py")))
+    return stages + [f for f in rest if not f.startswith("stages/")] + sorted(covered)
+
+
+def write_code_deps(dvc_yaml: Path = ROOT / "dvc.yaml") -> None:
+    """Rewrite each stage's code deps in dvc.yaml to its import closure, keeping its data deps:
+    ``python -m tests._contract`` after changing imports (tests/test_dvc_contract.py checks it)."""
+    import re
+
+    import yaml
+
+    text = dvc_yaml.read_text()
+    for stage, body in yaml.safe_load(text)["stages"].items():
+        data = [d for d in body["deps"] if d.split("/")[0] not in PACKAGES]
+        deps = compact(import_closure(f"stages.{stage}")) + data
+        block = "    deps:\n" + "".join(f"      - {d}\n" for d in deps)
+        pattern = re.compile(rf"(\n  {stage}:.*?\n)    deps:\n(?:      - [^\n]*\n)+", re.S)
+        text, n = pattern.subn(lambda m: m.group(1) + block, text, count=1)
+        assert n == 1, stage
+    dvc_yaml.write_text(text)
+
+
+if __name__ == "__main__":
+    write_code_deps()

@@ -41,8 +41,8 @@ def _worker(rank, world, init_file, out_dir):
     torch.set_num_threads(1)
     torch_dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     model, loss, val = _problem()
-    best, history = fit(model, N, loss, val, CFG, out_dir / "state.pt", "fp")
-    torch.save({"best": best, "history": history}, out_dir / f"rank{rank}.pt")
+    fitted = fit(model, N, loss, val, CFG, out_dir / "state.pt", "fp")
+    torch.save({"best": fitted.best_state, "history": fitted.history}, out_dir / f"rank{rank}.pt")
     dist.shutdown()
 
 
@@ -56,7 +56,8 @@ def test_shard_splits_a_global_batch_across_ranks():
 @pytest.mark.timeout(300)
 def test_two_gloo_processes_match_one_process(tmp_path):
     model, loss, val = _problem()
-    ref_best, ref_hist = fit(model, N, loss, val, CFG, tmp_path / "ref.pt", "fp")
+    ref = fit(model, N, loss, val, CFG, tmp_path / "ref.pt", "fp")
+    ref_best, ref_hist = ref.best_state, ref.history
 
     mp.spawn(_worker, args=(2, str(tmp_path / "init"), tmp_path), nprocs=2, join=True)
     for rank in range(2):

@@ -141,3 +141,14 @@ def test_reference_truncation_to_llm_tokens():
     refs = ["the heart is normal . the lungs are clear .", "the lungs ."]
     assert truncate_references(refs, tok, 0) == refs
     assert truncate_references(refs, tok, 3) == ["the heart is", "the lungs ."]
+
+
+def test_every_headline_metric_has_provenance():
+    from amrg.config import Labels
+    from amrg.evaluation import labeler_provenance
+    from amrg.metrics import registry
+
+    prov = registry.provenance({"pycocoevalcap": "1.2"}, {"labeler": labeler_provenance(Labels())})
+    assert prov["BLEU_4"] == {"paper_name": "BLEU-4", "direction": "higher is better", "computed_by": "pycocoevalcap 1.2"}
+    assert set(registry.HEADLINE) <= set(prov) and all(prov[k]["direction"] for k in registry.HEADLINE)
+    assert prov["labeler"]["labeler"] == "rules"

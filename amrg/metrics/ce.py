@@ -29,6 +29,14 @@ columns, then ``modules/metrics.py::compute_mlc`` which prints sklearn micro *an
 R2Gen's published MIMIC-CXR CE (P 0.333, R 0.273, F1 0.276) can only be macro, since the micro F1
 is the harmonic mean of micro P and R (which would be 0.300); the AM-MRG authors state that their CE
 "follows R2Gen's compute_ce.py" (Event-AHU/Medical_Image_Analysis issue #15).
+
+Numbers that match published ones: :func:`ce_grid` computes every cell of {``all14``, ``common5``} x
+{micro, macro, example} x {uncertain as negative, as positive} from the same counts (cells named like
+``all14.macro.uncertain_negative``), and :func:`named_conventions` reads from it the conventions papers and
+tools report under their own names (:data:`NAMED_CONVENTIONS`: R2Gen macro-14, "CheXbert micro-5" of Miura
+et al. / RGRG / f1chexbert with uncertain as positive, LLaVA-Rad's Micro/Macro-F1-14/-5 with and without
+"+", example-based of PromptMRG / RGRG / CXRMate), each with the files that compute it. ``ce_scores`` is
+unchanged by them. ``docs/ce_conventions.md`` is the table (:func:`conventions_table`).
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ import numpy as np
 from amrg.labels.schema import CHEXPERT_14, COMMON_5, N_LABELS, UNCERTAIN_AS, binarize
 
 LABEL_SETS: dict[str, tuple[str, ...]] = {"all14": CHEXPERT_14, "common5": COMMON_5}
+AVERAGINGS: tuple[str, ...] = ("micro", "macro", "example")
 HEADLINE = "macro"
 _ALLOWED_VALUES = (1.0, 0.0, -1.0)
 
@@ -60,19 +69,11 @@ def ce_scores(
     tp, fp, fn = ce_counts(pred, ref, uncertain_as, labels)
     names = LABEL_SETS[labels]
     yp, yr = tp | fp, tp | fn
-    # per label (sum over studies) and per study (sum over labels)
-    lab = [x.sum(axis=0) for x in (tp, fp, fn)]
-    ex = [x.sum(axis=1) for x in (tp, fp, fn)]
-    micro = _prf(*(x.sum() for x in lab))
-    lp, lr, lf = _prf_arrays(*lab)
-    ep, er, ef = _prf_arrays(*ex)
-    macro = {"precision": float(lp.mean()), "recall": float(lr.mean()), "f1": float(lf.mean())}
-    example = {"precision": float(ep.mean()), "recall": float(er.mean()), "f1": float(ef.mean())}
+    averaged, (lp, lr, lf) = _averaged(tp, fp, fn)
     per_label = {
         n: {"precision": float(lp[j]), "recall": float(lr[j]), "f1": float(lf[j]), "support": int(yr[:, j].sum())}
         for j, n in enumerate(names)
     }
-    averaged = {"micro": micro, "macro": macro, "example": example}
     head = averaged[HEADLINE]
     return {
         "precision": head["precision"],
@@ -114,9 +115,253 @@ def ce_counts(pred: np.ndarray, ref: np.ndarray, uncertain_as: str = "negative",
     return yp & yr, yp & ~yr, ~yp & yr
 
 
+def _averaged(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> tuple[dict[str, dict[str, float]], tuple]:
+    """Micro, macro and example P/R/F1 of bool ``(N, L)`` TP/FP/FN arrays (see the module docstring), plus the
+    per-label ``(P_l, R_l, F1_l)`` arrays the macro average is taken over."""
+    # per label (sum over studies) and per study (sum over labels)
+    lab = [x.sum(axis=0) for x in (tp, fp, fn)]
+    ex = [x.sum(axis=1) for x in (tp, fp, fn)]
+    micro = _prf(*(x.sum() for x in lab))
+    lp, lr, lf = _prf_arrays(*lab)
+    ep, er, ef = _prf_arrays(*ex)
+    macro = {"precision": float(lp.mean()), "recall": float(lr.mean()), "f1": float(lf.mean())}
+    example = {"precision": float(ep.mean()), "recall": float(er.mean()), "f1": float(ef.mean())}
+    return {"micro": micro, "macro": macro, "example": example}, (lp, lr, lf)
+
+
 def prf(tp, fp, fn) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Precision, recall, F1 of count arrays (any shape), with ``a/0 := 0``."""
     return _prf_arrays(tp, fp, fn)
+
+
+def grid_cell(labels: str, averaging: str, uncertain_as: str) -> str:
+    """Name of one cell of :func:`ce_grid`: ``"{labels}.{averaging}.uncertain_{uncertain_as}"``,
+    e.g. ``grid_cell("all14", "macro", "negative") == "all14.macro.uncertain_negative"``."""
+    for value, allowed, what in ((labels, tuple(LABEL_SETS), "labels"), (averaging, AVERAGINGS, "averaging"),
+                                 (uncertain_as, UNCERTAIN_AS, "uncertain_as")):
+        if value not in allowed:
+            raise ValueError(f"unknown {what} {value!r}; allowed: {', '.join(allowed)}")
+    return f"{labels}.{averaging}.uncertain_{uncertain_as}"
+
+
+GRID_CELLS: tuple[str, ...] = tuple(
+    grid_cell(lab, avg, unc) for lab in LABEL_SETS for avg in AVERAGINGS for unc in UNCERTAIN_AS
+)
+"""The 12 cells of :func:`ce_grid`, in its order: label set, then averaging, then uncertain mapping."""
+
+
+def ce_grid(pred: np.ndarray, ref: np.ndarray) -> dict[str, dict[str, float]]:
+    """Every CE convention cell of one labeler's label arrays: {``all14``, ``common5``} x {``micro``,
+    ``macro``, ``example``} x {uncertain (-1) as negative, as positive}.
+
+    ``pred`` / ``ref``: ``(N, 14)`` CheXpert values (1 / 0 / -1 / NaN or None) of the generated and the
+    reference reports, in ``CHEXPERT_14`` order, from the same labeler. Returns ``{cell: {"precision",
+    "recall", "f1"}}`` keyed by :data:`GRID_CELLS` (e.g. ``all14.macro.uncertain_negative``), in that
+    order, plain floats. Each cell is computed exactly as :func:`ce_scores` computes that averaging
+    (same counts, same binarisation, ``a/0 := 0``), so ``ce_grid(p, r)["all14.macro.uncertain_negative"]``
+    is the pipeline's headline CE (R2Gen ``compute_ce.py``). :func:`named_conventions` picks the cells
+    that papers and tools report under their names.
+    """
+    out: dict[str, dict[str, float]] = {}
+    for labels in LABEL_SETS:
+        by_unc = {unc: _averaged(*ce_counts(pred, ref, unc, labels))[0] for unc in UNCERTAIN_AS}
+        for avg in AVERAGINGS:
+            for unc in UNCERTAIN_AS:
+                out[grid_cell(labels, avg, unc)] = by_unc[unc][avg]
+    return out
+
+
+_UNC_NEG = "blank (NaN) and uncertain (-1) -> negative"
+_UNC_POS = "blank (NaN) -> negative, uncertain (-1) -> positive"
+
+NAMED_CONVENTIONS: dict[str, dict[str, Any]] = {
+    # name -> the grid cell it is, a one-line definition, who reports it (aka: the names they print) and the
+    # files that compute it ("owner/repo:path"; "PyPI:package==version:path" for a package's source).
+    # Every source below was read; what could not be read is marked "unverified" in used_by.
+    "r2gen_macro14": {
+        "cell": "all14.macro.uncertain_negative",
+        "definition": f"mean over the 14 labels of per-label P, R and F1 (sklearn average='macro', 0 for 0/0); {_UNC_NEG}",
+        "used_by": [
+            "R2Gen / R2GenCMN CE P/R/F1 (CheXpert labeler; compute_ce.py F1_MACRO, RECALL_MACRO, PRECISION_MACRO)",
+            "AM-MRG / CXPMRG-Bench (authors: CE follows R2Gen compute_ce.py, Event-AHU/Medical_Image_Analysis#15)",
+            "amrg headline ce.precision / ce.recall / ce.f1",
+            "LLaVA-Rad rrg_eval Macro-F1-14 (CheXbert)",
+            "CXRMate / cvt2distilgpt2 {precision,recall,f1}_macro (CheXbert)",
+            "MAIRA-2 Macro-F1-14 (unverified: no evaluation code of it read)",
+        ],
+        "aka": ["CE P/R/F1", "F1_MACRO", "Macro-F1-14", "ce_f1_macro", "f1_macro"],
+        "sources": [
+            "zhjohnchan/R2Gen:compute_ce.py",
+            "zhjohnchan/R2Gen:modules/metrics.py",
+            "microsoft/LLaVA-Rad:llava/eval/rrg_eval/rrg_eval/chexbert.py",
+            "microsoft/LLaVA-Rad:llava/eval/rrg_eval/run.py",
+            "microsoft/LLaVA-Rad:llava/eval/rrg_eval/rrg_eval/factuality_utils.py",
+            "aehrc/cvt2distilgpt2:tools/metrics/chexbert.py",
+            "aehrc/cxrmate:tools/metrics/chexbert.py",
+        ],
+    },
+    "r2gen_micro14": {
+        "cell": "all14.micro.uncertain_negative",
+        "definition": f"P, R, F1 of the TP/FP/FN pooled over the 14 labels and all studies (sklearn average='micro'); {_UNC_NEG}",
+        "used_by": [
+            "R2Gen compute_ce.py F1_MICRO / RECALL_MICRO / PRECISION_MICRO (printed beside the macro values)",
+            "LLaVA-Rad rrg_eval Micro-F1-14 (CheXbert)",
+            "CXRMate / cvt2distilgpt2 {precision,recall,f1}_micro (CheXbert; 0/0 gives NaN there, 0 here)",
+            "MAIRA-2 Micro-F1-14 (unverified: no evaluation code of it read)",
+        ],
+        "aka": ["F1_MICRO", "Micro-F1-14", "ce_f1_micro", "f1_micro"],
+        "sources": [
+            "zhjohnchan/R2Gen:compute_ce.py",
+            "zhjohnchan/R2Gen:modules/metrics.py",
+            "microsoft/LLaVA-Rad:llava/eval/rrg_eval/rrg_eval/chexbert.py",
+            "microsoft/LLaVA-Rad:llava/eval/rrg_eval/run.py",
+            "aehrc/cvt2distilgpt2:tools/metrics/chexbert.py",
+            "aehrc/cxrmate:tools/metrics/chexbert.py",
+        ],
+    },
+    "llava_rad_micro5": {
+        "cell": "common5.micro.uncertain_negative",
+        "definition": f"micro P, R, F1 over the 5 labels Atelectasis, Cardiomegaly, Consolidation, Edema, Pleural Effusion; {_UNC_NEG}",
+        "used_by": [
+            "LLaVA-Rad rrg_eval Micro-F1-5 (the unmarked variant; CheXbert)",
+            "MAIRA-2 Micro-F1-5 (unverified: no evaluation code of it read)",
+        ],
+        "aka": ["Micro-F1-5"],
+        "sources": [
+            "microsoft/LLaVA-Rad:llava/eval/rrg_eval/rrg_eval/chexbert.py",
+            "microsoft/LLaVA-Rad:llava/eval/rrg_eval/run.py",
+            "microsoft/LLaVA-Rad:llava/eval/rrg_eval/rrg_eval/factuality_utils.py",
+        ],
+    },
+    "llava_rad_macro5": {
+        "cell": "common5.macro.uncertain_negative",
+        "definition": f"mean over the 5 common labels of per-label P, R and F1 (0 for 0/0); {_UNC_NEG}",
+        "used_by": [
+            "LLaVA-Rad rrg_eval Macro-F1-5 (CheXbert)",
+            "MAIRA-2 Macro-F1-5 (unverified: no evaluation code of it read)",
+        ],
+        "aka": ["Macro-F1-5"],
+        "sources": [
+            "microsoft/LLaVA-Rad:llava/eval/rrg_eval/rrg_eval/chexbert.py",
+            "microsoft/LLaVA-Rad:llava/eval/rrg_eval/run.py",
+            "microsoft/LLaVA-Rad:llava/eval/rrg_eval/rrg_eval/factuality_utils.py",
+        ],
+    },
+    "chexbert_micro5": {
+        "cell": "common5.micro.uncertain_positive",
+        "definition": f"CheXbert micro-5: micro P, R, F1 over the 5 common labels; {_UNC_POS}",
+        "used_by": [
+            "Miura et al. 2021 (ifcc) 5-micro",
+            "RGRG precision/recall/f1_micro_5",
+            "f1chexbert package (rrg mode) cr_5 micro avg, and through it ViLMedic chexbert-5_micro avg and RadEval f1chexbert_5_micro_f1",
+            "LLaVA-Rad rrg_eval Micro-F1-5+",
+        ],
+        "aka": ["CheXbert micro-5 F1", "5-micro", "f1_micro_5", "chexbert-5_micro avg_f1-score",
+                "f1chexbert_5_micro_f1", "Micro-F1-5+"],
+        "sources": [
+            "ysmiura/ifcc:eval_prf.py",
+            "ttanida/rgrg:src/full_model/evaluate_full_model/evaluate_language_model.py",
+            "PyPI:f1chexbert==0.0.2:f1chexbert/f1chexbert.py",
+            "jbdel/vilmedic:vilmedic/blocks/scorers/scores.py",
+            "jbdel/RadEval:radeval/metrics/_chexbert_base.py",
+            "jbdel/RadEval:radeval/metrics/f1chexbert/adapter.py",
+            "microsoft/LLaVA-Rad:llava/eval/rrg_eval/rrg_eval/chexbert.py",
+            "microsoft/LLaVA-Rad:llava/eval/rrg_eval/run.py",
+        ],
+    },
+    "chexbert_micro14": {
+        "cell": "all14.micro.uncertain_positive",
+        "definition": f"micro P, R, F1 over all 14 labels; {_UNC_POS}",
+        "used_by": [
+            "RGRG precision/recall/f1_micro_all",
+            "f1chexbert package (rrg mode) cr micro avg, and through it ViLMedic chexbert-all_micro avg and RadEval f1chexbert_all_micro_f1",
+            "LLaVA-Rad rrg_eval Micro-F1-14+",
+        ],
+        "aka": ["f1_micro_all", "chexbert-all_micro avg_f1-score", "f1chexbert_all_micro_f1", "Micro-F1-14+"],
+        "sources": [
+            "ttanida/rgrg:src/full_model/evaluate_full_model/evaluate_language_model.py",
+            "PyPI:f1chexbert==0.0.2:f1chexbert/f1chexbert.py",
+            "jbdel/vilmedic:vilmedic/blocks/scorers/scores.py",
+            "jbdel/RadEval:radeval/metrics/_chexbert_base.py",
+            "jbdel/RadEval:radeval/metrics/f1chexbert/adapter.py",
+            "microsoft/LLaVA-Rad:llava/eval/rrg_eval/rrg_eval/chexbert.py",
+            "microsoft/LLaVA-Rad:llava/eval/rrg_eval/run.py",
+        ],
+    },
+    "chexbert_macro14": {
+        "cell": "all14.macro.uncertain_positive",
+        "definition": f"mean over the 14 labels of per-label P, R and F1 (0 for 0/0); {_UNC_POS}",
+        "used_by": [
+            "f1chexbert package (rrg mode) cr macro avg, and through it ViLMedic chexbert-all_macro avg and RadEval f1chexbert_all_macro_f1",
+            "LLaVA-Rad rrg_eval Macro-F1-14+",
+        ],
+        "aka": ["chexbert-all_macro avg_f1-score", "f1chexbert_all_macro_f1", "Macro-F1-14+"],
+        "sources": [
+            "PyPI:f1chexbert==0.0.2:f1chexbert/f1chexbert.py",
+            "jbdel/vilmedic:vilmedic/blocks/scorers/scores.py",
+            "jbdel/RadEval:radeval/metrics/_chexbert_base.py",
+            "jbdel/RadEval:radeval/metrics/f1chexbert/adapter.py",
+            "microsoft/LLaVA-Rad:llava/eval/rrg_eval/rrg_eval/chexbert.py",
+            "microsoft/LLaVA-Rad:llava/eval/rrg_eval/run.py",
+        ],
+    },
+    "chexbert_macro5": {
+        "cell": "common5.macro.uncertain_positive",
+        "definition": f"mean over the 5 common labels of per-label P, R and F1 (0 for 0/0); {_UNC_POS}",
+        "used_by": [
+            "f1chexbert package (rrg mode) cr_5 macro avg, and through it ViLMedic chexbert-5_macro avg and RadEval f1chexbert_5_macro_f1",
+            "LLaVA-Rad rrg_eval Macro-F1-5+",
+        ],
+        "aka": ["chexbert-5_macro avg_f1-score", "f1chexbert_5_macro_f1", "Macro-F1-5+"],
+        "sources": [
+            "PyPI:f1chexbert==0.0.2:f1chexbert/f1chexbert.py",
+            "jbdel/vilmedic:vilmedic/blocks/scorers/scores.py",
+            "jbdel/RadEval:radeval/metrics/_chexbert_base.py",
+            "jbdel/RadEval:radeval/metrics/f1chexbert/adapter.py",
+            "microsoft/LLaVA-Rad:llava/eval/rrg_eval/rrg_eval/chexbert.py",
+            "microsoft/LLaVA-Rad:llava/eval/rrg_eval/run.py",
+        ],
+    },
+    "example14": {
+        "cell": "all14.example.uncertain_negative",
+        "definition": f"mean over the studies of per-study P, R, F1 over the 14 labels (0 for 0/0, so a study with no positive at all scores 0); {_UNC_NEG}",
+        "used_by": [
+            "PromptMRG ce_precision / ce_recall / ce_f1 (CheXbert; its model selection metric)",
+            "RGRG precision/recall/f1_example_all (following Nicolson et al.)",
+            "CXRMate / cvt2distilgpt2 {precision,recall,f1}_example (CheXbert; CXRMate can first average the counts over a study's images)",
+        ],
+        "aka": ["example-based CE", "ce_f1", "f1_example_all", "f1_example"],
+        "sources": [
+            "jhb86253817/PromptMRG:modules/metrics_clinical.py",
+            "ttanida/rgrg:src/full_model/evaluate_full_model/evaluate_language_model.py",
+            "aehrc/cvt2distilgpt2:tools/metrics/chexbert.py",
+            "aehrc/cxrmate:tools/metrics/chexbert.py",
+        ],
+    },
+}
+"""The CE conventions the field reports, by name, in order (R2Gen's headline first). See ``docs/ce_conventions.md``."""
+
+
+def named_conventions(grid: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """``{name: {"precision", "recall", "f1"}}`` for every entry of :data:`NAMED_CONVENTIONS`, read from the
+    cells of ``grid`` (the output of :func:`ce_grid`), in :data:`NAMED_CONVENTIONS` order."""
+    missing = sorted({c["cell"] for c in NAMED_CONVENTIONS.values()} - set(grid))
+    if missing:
+        raise KeyError(f"grid lacks the cells {', '.join(missing)}; pass the output of ce_grid()")
+    return {name: {k: grid[c["cell"]][k] for k in ("precision", "recall", "f1")}
+            for name, c in NAMED_CONVENTIONS.items()}
+
+
+def conventions_table() -> str:
+    """:data:`NAMED_CONVENTIONS` as a markdown table (convention name = grid cell | exact definition |
+    used by | source), the one in ``docs/ce_conventions.md``."""
+    rows = ["| convention name (= `ce_grid` cell) | exact definition | used by | source (owner/repo:path) |",
+            "|---|---|---|---|"]
+    for name, c in NAMED_CONVENTIONS.items():
+        cells = [f"`{name}` = `{c['cell']}`", c["definition"], "; ".join(c["used_by"]),
+                 "<br>".join(f"`{src}`" for src in c["sources"])]
+        rows.append("| " + " | ".join(x.replace("|", "\\|") for x in cells) + " |")
+    return "\n".join(rows) + "\n"
 
 
 def _as_label_array(x: Any, name: str) -> np.ndarray:

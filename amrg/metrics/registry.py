@@ -23,3 +23,23 @@ HEADLINE: tuple[str, ...] = ("BLEU_1", "BLEU_4", "METEOR", "ROUGE_L", "CIDEr", "
 def label(key: str) -> str:
     """Display name of a metric key (``ce.f1`` -> ``CE F1``)."""
     return LABELS.get(key, key)
+
+
+# what every key means: the name papers give it, which way is better, and what computes it
+HIGHER = "higher is better"
+METRICS: dict[str, dict[str, str]] = {
+    **{k: {"paper_name": LABELS[k], "direction": HIGHER, "computed_by": "pycocoevalcap"} for k in NLG_KEYS},
+    **{f"ce.{k}": {"paper_name": f"CE {k} (macro over the selected CheXpert labels, R2Gen compute_ce.py)",
+                   "direction": HIGHER, "computed_by": "amrg.metrics.ce with the configured labeler"} for k in CE_KEYS},
+}
+
+
+def provenance(versions: dict[str, str], extra: dict[str, dict] | None = None) -> dict[str, dict]:
+    """Per metric key: its paper name, direction and what computed it (``versions``: package -> version,
+    e.g. ``{"pycocoevalcap": "1.2"}``; ``extra``: further keys, e.g. a labeler's checkpoint checksum)."""
+    out = {}
+    for key, info in METRICS.items():
+        by = info["computed_by"]
+        out[key] = {**info, "computed_by": f"{by} {versions[by]}" if by in versions else by}
+    return {**out, **(extra or {})}
+
