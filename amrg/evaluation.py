@@ -23,6 +23,7 @@ from .labels.schema import CHEXPERT_14, NO_FINDING, binarize
 from .layout import PHANTOM_FLAG
 from .metrics import ce_scores, nlg_scores, registry
 from .metrics.bootstrap import SystemStats, bootstrap_ci, ce_stats, method, nlg_stats
+from .metrics.ce import ce_grid, named_conventions
 from .metrics.nlg import java_problem, prepare_texts, protocol
 
 Labeler = Callable[[list[str]], np.ndarray]
@@ -41,6 +42,7 @@ class SystemScores:
     scores: dict  # NLG scores + "ce" (ce_scores)
     labels: np.ndarray  # (S, 14) labels of the system's reports
     stats: SystemStats | None  # per-study statistics the bootstrap resamples (None without bootstrap)
+    grid: dict | None = None  # every CE convention (amrg.metrics.ce.ce_grid) under the same labeler
 
 
 @dataclass
@@ -72,7 +74,7 @@ def score_systems(refs: list[str], systems: dict[str, list[str]], ref_labels: np
         scores = {**nlg_scores(refs, hyps, tokenization=ev.nlg_tokenization, meteor=ev.meteor), "ce": ce}
         stats = SystemStats(nlg_stats(*prepare_texts(refs, hyps, ev.nlg_tokenization)),
                             ce_stats(hyp_labels, ref_labels, ev.ce_uncertain_as, ev.ce_labels)) if ev.bootstrap else None
-        out[name] = SystemScores(hyps, scores, hyp_labels, stats)
+        out[name] = SystemScores(hyps, scores, hyp_labels, stats, ce_grid(hyp_labels, ref_labels))
     t1 = time.perf_counter()
     boot = bootstrap_ci({k: v.stats for k, v in out.items()}, ev.bootstrap, seed) if ev.bootstrap else None
     seconds = {"scoring_seconds": round(t1 - t0, 3), "bootstrap_seconds": round(time.perf_counter() - t1, 3)}
@@ -168,6 +170,7 @@ def build_result(scores: Scores, ev, seed: int, *, phantom: bool, n_test: int, c
         "empty_generated": count_empty(model.texts),  # scored as all-negative reports, counted here
         "nlg_protocol": protocol_,
         "ce_convention": {k: v for k, v in model.scores["ce"]["convention"].items() if k != "label_names"},
+        "ce_conventions": named_conventions(model.grid),  # the model under every named convention
         "provenance": registry.provenance({"pycocoevalcap": _version("pycocoevalcap")},
                                           {"labeler": labeler_provenance(labels)} if labels is not None else None),
         "ci_method": method(ev.bootstrap, seed) if scores.bootstrap else None,
@@ -181,10 +184,13 @@ def build_result(scores: Scores, ev, seed: int, *, phantom: bool, n_test: int, c
     }
 
 
-def build_details(scores: Scores, classifier_test: dict, sample_ids: list[str], guard: dict | None = None) -> dict:
+def build_details(scores: Scores, classifier_test: dict, sample_ids: list[str], guard: dict | None = None,
+                  labeler: str = "rules") -> dict:
     """``eval/details.json``: per-label CE of every system, paired differences, per-label AUROC, and
     per label the predicted vs reference prevalence of every system."""
     return {"ce_per_label": per_label(scores),
+            "ce_grid": {labeler: {name: s.grid for name, s in scores.systems.items()}},  # labeler x cell
+            "ce_conventions": {labeler: {name: named_conventions(s.grid) for name, s in scores.systems.items()}},
             "prevalence": {n: g["prevalence"] for n, g in guard.items()} if guard is not None else None,
             "ce_label_names": scores.systems["model"].scores["ce"]["convention"]["label_names"],
             "paired_differences": scores.bootstrap["paired"] if scores.bootstrap else None,

@@ -86,10 +86,12 @@ def main(argv: list[str] | None = None) -> None:
             f"(p > {DECISION_THRESHOLD}) per study")
     write_text(layout.report_html, render(result, per_label(scores), shown, ci=result["ci95"],
                                           paired=scores.bootstrap["paired"] if scores.bootstrap else None,
-                                          auroc=cls_test["per_label"], notes=[note], title="amrg evaluation: test split"))
+                                          auroc=cls_test["per_label"], notes=[note] + [w for w in [result["warning"]] if w],
+                                          title="amrg evaluation: test split"))
     result["report_seconds"], result["seconds"] = report_timer(), timer()
     write_json(out / "metrics.json", result)
-    write_json(out / "details.json", {**build_details(scores, cls_test, [ids[i] for i in picked], guard),
+    write_json(out / "details.json", {**build_details(scores, cls_test, [ids[i] for i in picked], guard,
+                                                    params.labels.labeler),
                                       "cam_localisation_per_disease": localisation["per_disease"] if layout.is_phantom() else None})
     write_parquet(out / "predictions.parquet", {"id": ids, "reference": ts.refs, "generated": hyps,
                                                 **{f"baseline_{k}": v for k, v in systems.items() if k != "model"}})

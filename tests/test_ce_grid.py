@@ -246,8 +246,8 @@ def test_named_conventions_needs_the_cells():
 
 
 def test_docs_table_matches_named_conventions():
-    doc = (Path(__file__).resolve().parents[1] / "docs" / "ce_conventions.md").read_text(encoding="utf-8")
-    assert conventions_table() in doc, "docs/ce_conventions.md is stale: paste conventions_table() into it"
+    doc = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    assert conventions_table() in doc, "README's CE conventions table is stale: paste conventions_table() into it"
     assert conventions_table().count("\n") == len(NAMED_CONVENTIONS) + 2
 
 
@@ -406,8 +406,10 @@ def test_llava_rad_rrg_eval_and_f1chexbert():
     rrg = {"rrg": {0: 0, 2: 0, 3: 0, 1: 1}, "rrg+": {0: 0, 2: 0, 3: 1, 1: 1}}
     five = [j for j, n in enumerate(CHEXPERT_14) if n in COMMON_5]
     named = named_conventions(ce_grid(pred, ref))
-    expected = {("rrg", 14): ("r2gen_micro14", "r2gen_macro14"), ("rrg", 5): ("llava_rad_micro5", "llava_rad_macro5"),
-                ("rrg+", 14): ("chexbert_micro14", "chexbert_macro14"), ("rrg+", 5): ("chexbert_micro5", "chexbert_macro5")}
+    expected = {("rrg", 14): ("r2gen_micro14", "r2gen_macro14"),
+                ("rrg", 5): ("llava_rad_micro5", "llava_rad_macro5"),
+                ("rrg+", 14): ("chexbert_micro14", "chexbert_macro14"),
+                ("rrg+", 5): ("chexbert_micro5", "chexbert_macro5")}
     for (mode, n), (micro_name, macro_name) in expected.items():
         yp, yt = np.vectorize(rrg[mode].get)(gen), np.vectorize(rrg[mode].get)(gold)
         if n == 5:

@@ -180,7 +180,10 @@ NAMED_CONVENTIONS: dict[str, dict[str, Any]] = {
     # Every source below was read; what could not be read is marked "unverified" in used_by.
     "r2gen_macro14": {
         "cell": "all14.macro.uncertain_negative",
-        "definition": f"mean over the 14 labels of per-label P, R and F1 (sklearn average='macro', 0 for 0/0); {_UNC_NEG}",
+        "definition": (
+            "mean over the 14 labels of per-label P, R and F1 (sklearn average='macro', "
+            f"0 for 0/0); {_UNC_NEG}"
+        ),
         "used_by": [
             "R2Gen / R2GenCMN CE P/R/F1 (CheXpert labeler; compute_ce.py F1_MACRO, RECALL_MACRO, PRECISION_MACRO)",
             "AM-MRG / CXPMRG-Bench (authors: CE follows R2Gen compute_ce.py, Event-AHU/Medical_Image_Analysis#15)",
@@ -202,7 +205,10 @@ NAMED_CONVENTIONS: dict[str, dict[str, Any]] = {
     },
     "r2gen_micro14": {
         "cell": "all14.micro.uncertain_negative",
-        "definition": f"P, R, F1 of the TP/FP/FN pooled over the 14 labels and all studies (sklearn average='micro'); {_UNC_NEG}",
+        "definition": (
+            "P, R, "
+            f"F1 of the TP/FP/FN pooled over the 14 labels and all studies (sklearn average='micro'); {_UNC_NEG}"
+        ),
         "used_by": [
             "R2Gen compute_ce.py F1_MICRO / RECALL_MICRO / PRECISION_MICRO (printed beside the macro values)",
             "LLaVA-Rad rrg_eval Micro-F1-14 (CheXbert)",
@@ -221,7 +227,10 @@ NAMED_CONVENTIONS: dict[str, dict[str, Any]] = {
     },
     "llava_rad_micro5": {
         "cell": "common5.micro.uncertain_negative",
-        "definition": f"micro P, R, F1 over the 5 labels Atelectasis, Cardiomegaly, Consolidation, Edema, Pleural Effusion; {_UNC_NEG}",
+        "definition": (
+            "micro P, R, F1 over the 5 labels Atelectasis, Cardiomegaly, Consolidation, "
+            f"Edema, Pleural Effusion; {_UNC_NEG}"
+        ),
         "used_by": [
             "LLaVA-Rad rrg_eval Micro-F1-5 (the unmarked variant; CheXbert)",
             "MAIRA-2 Micro-F1-5 (unverified: no evaluation code of it read)",
@@ -253,7 +262,8 @@ NAMED_CONVENTIONS: dict[str, dict[str, Any]] = {
         "used_by": [
             "Miura et al. 2021 (ifcc) 5-micro",
             "RGRG precision/recall/f1_micro_5",
-            "f1chexbert package (rrg mode) cr_5 micro avg, and through it ViLMedic chexbert-5_micro avg and RadEval f1chexbert_5_micro_f1",
+            ("f1chexbert package (rrg mode) cr_5 micro avg, "
+             "and through it ViLMedic chexbert-5_micro avg and RadEval f1chexbert_5_micro_f1"),
             "LLaVA-Rad rrg_eval Micro-F1-5+",
         ],
         "aka": ["CheXbert micro-5 F1", "5-micro", "f1_micro_5", "chexbert-5_micro avg_f1-score",
@@ -274,7 +284,8 @@ NAMED_CONVENTIONS: dict[str, dict[str, Any]] = {
         "definition": f"micro P, R, F1 over all 14 labels; {_UNC_POS}",
         "used_by": [
             "RGRG precision/recall/f1_micro_all",
-            "f1chexbert package (rrg mode) cr micro avg, and through it ViLMedic chexbert-all_micro avg and RadEval f1chexbert_all_micro_f1",
+            ("f1chexbert package (rrg mode) cr micro avg, "
+             "and through it ViLMedic chexbert-all_micro avg and RadEval f1chexbert_all_micro_f1"),
             "LLaVA-Rad rrg_eval Micro-F1-14+",
         ],
         "aka": ["f1_micro_all", "chexbert-all_micro avg_f1-score", "f1chexbert_all_micro_f1", "Micro-F1-14+"],
@@ -292,7 +303,8 @@ NAMED_CONVENTIONS: dict[str, dict[str, Any]] = {
         "cell": "all14.macro.uncertain_positive",
         "definition": f"mean over the 14 labels of per-label P, R and F1 (0 for 0/0); {_UNC_POS}",
         "used_by": [
-            "f1chexbert package (rrg mode) cr macro avg, and through it ViLMedic chexbert-all_macro avg and RadEval f1chexbert_all_macro_f1",
+            ("f1chexbert package (rrg mode) cr macro avg, "
+             "and through it ViLMedic chexbert-all_macro avg and RadEval f1chexbert_all_macro_f1"),
             "LLaVA-Rad rrg_eval Macro-F1-14+",
         ],
         "aka": ["chexbert-all_macro avg_f1-score", "f1chexbert_all_macro_f1", "Macro-F1-14+"],
@@ -309,7 +321,8 @@ NAMED_CONVENTIONS: dict[str, dict[str, Any]] = {
         "cell": "common5.macro.uncertain_positive",
         "definition": f"mean over the 5 common labels of per-label P, R and F1 (0 for 0/0); {_UNC_POS}",
         "used_by": [
-            "f1chexbert package (rrg mode) cr_5 macro avg, and through it ViLMedic chexbert-5_macro avg and RadEval f1chexbert_5_macro_f1",
+            ("f1chexbert package (rrg mode) cr_5 macro avg, "
+             "and through it ViLMedic chexbert-5_macro avg and RadEval f1chexbert_5_macro_f1"),
             "LLaVA-Rad rrg_eval Macro-F1-5+",
         ],
         "aka": ["chexbert-5_macro avg_f1-score", "f1chexbert_5_macro_f1", "Macro-F1-5+"],
@@ -324,11 +337,15 @@ NAMED_CONVENTIONS: dict[str, dict[str, Any]] = {
     },
     "example14": {
         "cell": "all14.example.uncertain_negative",
-        "definition": f"mean over the studies of per-study P, R, F1 over the 14 labels (0 for 0/0, so a study with no positive at all scores 0); {_UNC_NEG}",
+        "definition": (
+            "mean over the studies of per-study P, R, F1 over the 14 labels (0 for 0/0, "
+            f"so a study with no positive at all scores 0); {_UNC_NEG}"
+        ),
         "used_by": [
             "PromptMRG ce_precision / ce_recall / ce_f1 (CheXbert; its model selection metric)",
             "RGRG precision/recall/f1_example_all (following Nicolson et al.)",
-            "CXRMate / cvt2distilgpt2 {precision,recall,f1}_example (CheXbert; CXRMate can first average the counts over a study's images)",
+            ("CXRMate / cvt2distilgpt2 {precision,recall,f1}_example (CheXbert; "
+             "CXRMate can first average the counts over a study's images)"),
         ],
         "aka": ["example-based CE", "ce_f1", "f1_example_all", "f1_example"],
         "sources": [
