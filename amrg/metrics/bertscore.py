@@ -49,7 +49,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..models.hub import resolve_model_ref
-from .provenance import describe, package_version, weights_sha256
+from .provenance import describe, file_sha256, model_ref_fields, package_version, weights_sha256
 from .radgraph import mean_replicates
 
 __all__ = ["bertscore_scores", "bertscore_provenance", "mean_replicates", "STANDARD_MODELS", "KEYS"]
@@ -242,7 +242,10 @@ def bertscore_scores(refs: Sequence[str], hyps: Sequence[str], model: str | None
 def bertscore_provenance(model: str, layer: int, rescale: bool, idf: bool, model_name: str | None = None,
                          baseline_path: str | None = None, lang: str = "en", model_ref: str | None = None
                          ) -> dict[str, Any]:
-    """JSON-able description of one BERTScore setting: package, model and checksum, layer, flags, comparability."""
+    """JSON-able description of one BERTScore setting: package, model and checksum, layer, flags, comparability.
+
+    ``model`` is resolved to hash its weights; ``model_ref`` (default ``model``) is what is recorded as
+    the model path."""
     import transformers
 
     path = Path(resolve_model_ref(model))
@@ -258,10 +261,11 @@ def bertscore_provenance(model: str, layer: int, rescale: bool, idf: bool, model
                    f"{NAME_PARAM} to declare one)"))
     baseline = None
     if rescale:
-        baseline = baseline_path or f"bert_score/rescale_baseline/{lang}/{model_name}.tsv (shipped)"
+        baseline = ({"path": baseline_path, "sha256": file_sha256(baseline_path)} if baseline_path else
+                    {"path": f"bert_score/rescale_baseline/{lang}/{model_name}.tsv (shipped with bert-score)"})
     return describe(
         "bertscore", "BERTScore", "bert-score",
-        model_ref=model_ref or model, model_path=str(path), model_name=model_name,
+        **model_ref_fields(model_ref or model), model_name=model_name,
         weights_sha256=weights_sha256(path), layer=layer, rescale_with_baseline=bool(rescale), baseline=baseline,
         idf=bool(idf), lang=lang, comparable=comparable, rexrank_comparable=rexrank, note=note,
         keys={"precision": "BERTScore P", "recall": "BERTScore R", "f1": "BERTScore F1 (the one papers report)"},

@@ -58,6 +58,16 @@ def weights_sha256(model_dir: str | Path, patterns: tuple[str, ...] = WEIGHT_PAT
     return {f.name: file_sha256(f) for f in files}
 
 
+def model_ref_fields(ref: str) -> dict[str, Any]:
+    """How a model reference is recorded: as given (never the resolved absolute path, which differs per
+    machine), plus the version of the package that ships it for a ``pkg:<module>/<subdir>`` reference."""
+    out: dict[str, Any] = {"model_path": ref}
+    if ref.startswith("pkg:"):
+        module = ref[4:].partition("/")[0]
+        out["model_package"] = {"name": module, "version": package_version(module)}
+    return out
+
+
 def describe(metric: str, paper_name: str, package: str, **fields: Any) -> dict[str, Any]:
     """The common head of every provenance dict: metric key, paper name, package and version, direction."""
     return {"metric": metric, "paper_name": paper_name, "package": package,

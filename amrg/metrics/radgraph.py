@@ -64,7 +64,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from ..models.hub import resolve_model_ref
-from .provenance import describe, file_sha256
+from .provenance import describe, file_sha256, model_ref_fields
 
 REWARD_LEVELS: tuple[str, ...] = ("simple", "partial", "complete")
 CXR_METRIC_KEYS: tuple[str, ...] = ("entity", "relation", "combined")
@@ -309,9 +309,11 @@ class RadGraphExtractor:
         except ImportError as e:
             raise ImportError(f"RadGraph F1 needs the 'radgraph' package (pip install 'amrg[metrics]', or "
                               f"radgraph>=0.1.18), or unset {MODEL_PARAM}: {e}") from e
-        path = Path(resolve_model_ref(str(model_dir))).expanduser()
+        self.model_ref = str(model_dir)
+        path = Path(resolve_model_ref(self.model_ref)).expanduser()
         self.model_dir, self.model_type = _find_model_dir(path, model_type)
-        self.base_model = str(Path(resolve_model_ref(base_model)).expanduser()) if base_model else None
+        self.base_model_ref = base_model or None
+        self.base_model = str(Path(resolve_model_ref(base_model)).expanduser().resolve()) if base_model else None
         if self.base_model and not Path(self.base_model).is_dir():
             raise FileNotFoundError(f"{BASE_MODEL_PARAM}={base_model!r} is not a local directory")
         self.device, self.chunk_size = device, max(1, int(chunk_size))
@@ -388,10 +390,10 @@ def radgraph_provenance(extractor: RadGraphExtractor | None = None, **extra: Any
         empty_text="an empty hypothesis or reference scores 0 (no model run)",
     )
     if extractor is not None:
-        prov.update(model_type=extractor.model_type, model_path=str(extractor.model_dir),
+        prov.update(model_type=extractor.model_type, **model_ref_fields(extractor.model_ref),
                     weights_sha256={"weights.th": file_sha256(extractor.model_dir / "weights.th"),
                                     "config.json": file_sha256(extractor.model_dir / "config.json")},
-                    base_model=extractor.base_model or extractor.base_names,
+                    base_model=extractor.base_model_ref or extractor.base_names,
                     rexrank_comparable_model=extractor.model_type == "radgraph")
     prov.update(extra)
     return prov
