@@ -33,7 +33,7 @@ RUN pip install torch==2.14.1 torchvision==0.29.1
 
 WORKDIR /opt/amrg
 COPY . /opt/amrg
-RUN pip install ".[flows,faiss]" \
+RUN pip install ".[flows,faiss,metrics]" \
     && git config --system --add safe.directory /opt/amrg \
     && python -m amrg.cli check
 

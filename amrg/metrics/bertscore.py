@@ -50,7 +50,7 @@ import numpy as np
 
 from ..models.hub import resolve_model_ref
 from .provenance import describe, file_sha256, model_ref_fields, package_version, weights_sha256
-from .radgraph import mean_replicates
+from .bootstrap import mean_replicates  # noqa: F401  (re-exported)
 
 __all__ = ["bertscore_scores", "bertscore_provenance", "mean_replicates", "STANDARD_MODELS", "KEYS"]
 

@@ -247,6 +247,35 @@ def bootstrap_ci(systems: dict[str, SystemStats], n_resamples: int, seed: int, l
     return {"method": method(n_resamples, seed, level, reference), "ci": ci, "paired": paired}
 
 
+def mean_replicates(values, weights: np.ndarray) -> np.ndarray:
+    """Bootstrap replicates of a per-study mean: ``weights (B, N)`` multiplicities -> ``(B,)`` weighted means.
+
+    ``weights`` are the rows of :func:`resample_weights`; replicate b is ``sum_i w_bi v_i / sum_i w_bi``,
+    i.e. the mean over the resampled corpus (a study drawn twice counts twice)."""
+    v = np.asarray(values, dtype=float)
+    w = np.atleast_2d(np.asarray(weights, dtype=float))
+    if v.ndim != 1 or w.shape[1] != v.shape[0]:
+        raise ValueError(f"need values (N,) and weights (B, N); got {v.shape} and {w.shape}")
+    return (w @ v) / w.sum(1)
+
+
+def per_study_ci(per_study: dict[str, dict[str, Any]], n_resamples: int, seed: int, level: float = 0.95,
+                 reference: str = "model") -> dict[str, Any]:
+    """Intervals of per-study metrics (``{system: {key: values in study order}}``, e.g. BERTScore or
+    RadGraph F1) on the same resamples as :func:`bootstrap_ci` (same ``seed`` and test size), so their
+    paired differences join the corpus metrics'. Same output layout as :func:`bootstrap_ci`."""
+    n = {len(v) for keys in per_study.values() for v in keys.values()}
+    if len(n) != 1:
+        raise ValueError(f"every system must be scored on the same studies; got sizes {sorted(n)}")
+    weights = resample_weights(n.pop(), n_resamples, seed)
+    reps = {s: {k: mean_replicates(v, weights) for k, v in keys.items()} for s, keys in per_study.items()}
+    ci = {s: {k: _interval(r, level) for k, r in keys.items()} for s, keys in reps.items()}
+    paired = {s: {k: {"diff": float((reps[reference][k] - r).mean()), **_interval(reps[reference][k] - r, level),
+                      "p_le_0": float(((reps[reference][k] - r) <= 0).mean())} for k, r in keys.items()}
+              for s, keys in reps.items() if s != reference and reference in reps}
+    return {"method": method(n_resamples, seed, level, reference), "ci": ci, "paired": paired}
+
+
 def method(n_resamples: int, seed: int, level: float = 0.95, reference: str = "model") -> dict[str, Any]:
     """The JSON description of the interval method written next to the intervals."""
     return {

@@ -64,6 +64,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from ..models.hub import resolve_model_ref
+from .bootstrap import mean_replicates  # noqa: F401  (per-study replicates; re-exported)
 from .provenance import describe, file_sha256, model_ref_fields
 
 REWARD_LEVELS: tuple[str, ...] = ("simple", "partial", "complete")
@@ -173,19 +174,6 @@ def score_annotations(ref_annotations: Sequence[Annotation], hyp_annotations: Se
     out["per_study"] = per
     out["n"] = len(ref_annotations)
     return out
-
-
-def mean_replicates(values: Sequence[float] | np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """Bootstrap replicates of a per-study mean: ``weights (B, N)`` multiplicities -> ``(B,)`` weighted means.
-
-    ``weights`` are the rows of :func:`amrg.metrics.bootstrap.resample_weights`; replicate b is
-    ``sum_i w_bi v_i / sum_i w_bi``, i.e. the mean over the resampled corpus (a study drawn twice counts
-    twice)."""
-    v = np.asarray(values, dtype=float)
-    w = np.atleast_2d(np.asarray(weights, dtype=float))
-    if v.ndim != 1 or w.shape[1] != v.shape[0]:
-        raise ValueError(f"need values (N,) and weights (B, N); got {v.shape} and {w.shape}")
-    return (w @ v) / w.sum(1)
 
 
 # ------------------------------------------------------------------------------------------ extraction
