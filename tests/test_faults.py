@@ -155,7 +155,7 @@ def test_dockerfile_builds_from_the_repo_alone():
     text = (ROOT / "Dockerfile").read_text()
     assert "FROM ${CUDA_IMAGE}" in text and "nvidia/cuda:" in text and "runtime" in text
     torch_line = text.index("pip install torch==2.14.1")
-    assert torch_line < text.index('pip install ".[flows,faiss]"')
+    assert torch_line < text.index('pip install ".[flows,faiss,metrics]"')
     for line in text.splitlines():  # nothing copied from outside the build context
         if line.startswith(("COPY", "ADD")):
             assert ".." not in line and "http" not in line
