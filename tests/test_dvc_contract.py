@@ -58,9 +58,37 @@ def test_every_declared_param_is_a_leaf_key():
             assert not isinstance(node, dict) or key == "vision.kwargs", f"{stage}: {key} is a section"
 
 
+# the knobs no stage tracks, because they cannot change a result (README: "The pipeline")
+UNTRACKED = {
+    "runtime.device", "runtime.num_threads",  # rounding only / speed
+    "runtime.num_processes",  # N processes follow one process's gradient exactly (tests/test_distributed.py)
+    "classifier.checkpoint_every", "generator.checkpoint_every",  # resumability only
+    "llm.gradient_checkpointing",  # same gradients (tests/test_training.py)
+    "cam.batch_size", "banks.visual.batch_size", "banks.report.batch_size", "evaluate.batch_size",
+    "score.batch_size",  # inference batch sizes
+}
+
+
+def _leaves(d: dict, prefix: str = "") -> set[str]:
+    out = set()
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out |= _leaves(v, key + ".") if isinstance(v, dict) and key != "vision.kwargs" else {key}
+    return out
+
+
+def test_every_params_key_is_read_by_a_stage_or_untracked_with_a_reason():
+    declared = {k for body in STAGES.values() for k in body["params"]}
+    leaves = _leaves(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    assert not declared & UNTRACKED, sorted(declared & UNTRACKED)
+    assert leaves == declared | UNTRACKED, (f"neither tracked nor untracked: {sorted(leaves - declared - UNTRACKED)}; "
+                                            f"tracked but not in params.yaml: {sorted((declared | UNTRACKED) - leaves)}")
+
+
 # key -> a new value, and the stages that must rerun (none: a knob that cannot change a result)
 PER_KEY = [
-    ("runtime.seed", 7, {"preprocess", "train_classifier", "encode_report_bank", "train_generator", "evaluate"}),
+    ("runtime.seed", 7, {"preprocess", "train_classifier", "encode_report_bank", "train_generator", "evaluate",
+                         "score"}),
     ("runtime.precision", "bf16", {"train_classifier", "mine_cam", "encode_visual_bank", "train_generator", "evaluate"}),
     ("runtime.num_threads", 1, set()),
     ("runtime.num_processes", 2, set()),
@@ -80,7 +108,10 @@ PER_KEY = [
     ("generator.epochs", 1, {"train_generator"}),
     ("generator.checkpoint_every", 7, set()),
     ("decode.num_beams", 3, {"evaluate"}),
-    ("evaluate.bootstrap", 10, {"evaluate"}),
+    ("evaluate.bootstrap", 10, {"evaluate", "score"}),  # score's CIs use evaluate's resamples
+    ("evaluate.reference_max_tokens", 60, {"evaluate"}),
+    ("score.bertscore_layer", 3, {"score"}),
+    ("score.batch_size", 8, set()),
     ("evaluate.batch_size", 4, set()),
 ]
 
