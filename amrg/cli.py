@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .config import Params, ParamsError, load_params
 from .labels.schema import DECISION_THRESHOLD
+from .layout import Layout
 
 def _check(args) -> int:
     try:
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--params", default=None if name == "generate" else "params.yaml",
                        help="params file (generate: default the run's own, written by its evaluate stage)")
         if name != "check":
-            p.add_argument("--run", default="artifacts", help="artifacts directory of a trained run (default: artifacts)")
+            p.add_argument("--run", default=str(Layout().root), help="artifacts directory of a trained run (default: artifacts)")
         p.set_defaults(fn=fn)
         if name == "generate":
             p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, TIFF, ...)")

@@ -278,40 +278,19 @@ def phantom_localisation(run, test: EvalSplit, labels: np.ndarray, views: np.nda
                                 "mean_lift": float(np.mean(p["lift"]))} for n, p in per.items()}}
 
 
-def _half(interval: dict | None) -> str:
-    return f"±{(interval['hi'] - interval['lo']) / 2:.3f}" if interval else ""
-
-
-def headline_table(result: dict) -> list[dict[str, str]]:
-    """One row per system (model first, then baselines), the registry's headline metrics as columns,
-    each ``value±half-width of the 95% CI`` where the run has CIs: the one compact table of a run."""
-    from .config import get_dotted
-
-    ci = result.get("ci95") or {}
-    rows = []
-    for name, scores in [("model", result["model"]), *result.get("baselines", {}).items()]:
-        row = {"system": name}
-        for key in registry.HEADLINE:
-            v = get_dotted(scores, key)
-            row[registry.label(key)] = "-" if v is None else f"{v:.3f}{_half(get_dotted(ci.get(name, {}), key))}"
-        rows.append(row)
-    return rows
-
-
 def summary(result: dict, report_path) -> str:
-    """The console summary of an evaluation: the headline table, the CE convention and the CI method."""
-    rows = headline_table(result)
-    cols = list(rows[0])
-    width = {c: max(len(c), *(len(r[c]) for r in rows)) for c in cols}
-    lines = [("PHANTOM IMAGES: " if result[PHANTOM_FLAG] else "") + f"test studies: {result['n_test']}",
-             "  ".join(c.ljust(width[c]) if c == "system" else c.rjust(width[c]) for c in cols)]
-    lines += ["  ".join(r[c].ljust(width[c]) if c == "system" else r[c].rjust(width[c]) for c in cols) for r in rows]
+    """The console summary of an evaluation: the compact headline table (:mod:`amrg.metrics.table`), the CE
+    convention and the CI method."""
+    from .metrics.table import caption, headline_table, to_markdown
+
+    lines = [caption(result), to_markdown(headline_table(result))]
     conv = result["ce_convention"]
     lines.append(f"CE headline: {conv['headline']}; labels {conv['labels']}, uncertain as {conv['uncertain_as']}")
     if result.get("ci_method"):
-        lines.append(f"± half-width of the 95% paired bootstrap CI, {result['ci_method']['resamples']} resamples "
-                     "of the test studies (METEOR has none)")
+        lines.append(f"95% CIs: paired bootstrap, {result['ci_method']['resamples']} resamples of the test studies "
+                     "(METEOR has none)")
+    if result.get("warning"):
+        lines.append(f"WARNING: {result['warning']}")
     lines.append(f"classifier test mean AUROC: {result['classifier_test']['mean_auroc']:.3f}")
     lines.append(f"report: {report_path}")
     return "\n".join(lines)
-

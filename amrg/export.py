@@ -64,6 +64,7 @@ from pathlib import Path
 from typing import Any
 
 from .io import read_parquet, write_json, write_text
+from .layout import Layout
 
 FORMATS = ("radeval", "rexrank")
 MODEL = "model"
@@ -156,7 +157,7 @@ def export_rexrank(predictions_parquet: str | Path, out_path: str | Path, system
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m amrg.export", description=__doc__.splitlines()[0])
     ap.add_argument("--format", required=True, choices=FORMATS)
-    ap.add_argument("--predictions", default="artifacts/eval/predictions.parquet",
+    ap.add_argument("--predictions", default=str(Layout().predictions),
                     help="the evaluate stage's predictions.parquet (default: %(default)s)")
     ap.add_argument("--out", required=True, help="output file (radeval: .json, or .jsonl for one object a line)")
     ap.add_argument("--system", default=MODEL, help="hypotheses: model (default) or a baseline name")

@@ -58,7 +58,7 @@ from flows.dvc_tasks import (  # noqa: E402,F401  (stage_graph/stage_order re-ex
     stage_order,
     workspace_lock,
 )
-from flows.metrics_table import caption, headline_table, systems, to_markdown  # noqa: E402
+from amrg.metrics.table import caption, headline_table, systems, to_markdown  # noqa: E402
 
 METRICS_ARTIFACT_KEY = "eval-metrics"
 

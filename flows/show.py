@@ -7,7 +7,7 @@ Everything DVC-aware lives here, in flows/, not in the ``amrg`` library: the sta
 locked hash come from DVC's view of the repository (``dvc.repo.Repo``: dvc.yaml with its templates
 resolved, dvc.lock), the stage status from ``Repo.status()`` (what ``dvc status`` prints). The params are
 validated with :func:`amrg.config.load_params`; the metrics are those of ``<run>/eval/metrics.json``, as
-the compact table of :mod:`flows.metrics_table`. Exit code 2 when params.yaml is invalid.
+the compact table of :mod:`amrg.metrics.table`. Exit code 2 when params.yaml is invalid.
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from amrg.config import ParamsError, load_params, to_dict
+from amrg.layout import Layout
 from flows.dvc_tasks import DvcPipelineError, dvc_repo, pipeline_stages, stage_address
-from flows.metrics_table import caption, headline_table, systems, to_markdown
+from amrg.metrics.table import caption, headline_table, systems, to_markdown
 
 
 def _git(repo: Path, *args: str) -> str:
@@ -100,17 +101,18 @@ def collect(repo: Path, run: Path, params_file: Path) -> dict[str, Any]:
     except DvcPipelineError as e:
         out["stages"], out["data"] = None, {"path": params.data.annotation, "md5": None, "locked": None}
         out["dvc_error"] = str(e)
-    stats = run / "preprocess" / "stats.json"
+    layout = Layout(run)
+    stats = layout.stats
     if stats.is_file():
         st = json.loads(stats.read_text())
         out["studies"], out["skipped"] = st.get("studies"), st.get("skipped", 0)
-    metrics = run / "eval" / "metrics.json"
+    metrics = layout.stage_dir("evaluate") / "metrics.json"
     out["metrics"] = None
     if metrics.is_file():
         m = json.loads(metrics.read_text())
         out["metrics"] = {"file": str(metrics), "caption": caption(m), "table": headline_table(m) if systems(m) else [],
                           "ce_convention": (m.get("ce_convention") or {}).get("headline")}
-        report = run / "eval" / "report.html"
+        report = layout.report_html
         out["metrics"]["report"] = str(report) if report.is_file() else None
     return out
 
@@ -148,7 +150,7 @@ def render(s: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m flows.show", description=__doc__.splitlines()[0])
     ap.add_argument("--repo", default=".", help="the DVC repository (default: .)")
-    ap.add_argument("--run", default="artifacts", help="artifacts directory, relative to --repo (default: artifacts)")
+    ap.add_argument("--run", default=str(Layout().root), help="artifacts directory, relative to --repo (default: artifacts)")
     ap.add_argument("--params", default="params.yaml", help="params file, relative to --repo (default: params.yaml)")
     ap.add_argument("--json", action="store_true", help="print JSON instead of text")
     args = ap.parse_args(argv)

@@ -70,11 +70,12 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact  #
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 from amrg.config import ParamsError, get_dotted  # noqa: E402
+from amrg.layout import Layout  # noqa: E402
 from amrg.io import write_text  # noqa: E402
 from amrg.metrics import registry  # noqa: E402
 from flows.dvc_tasks import remove_experiments, run_dvc, set_args, validate_overlay  # noqa: E402
 
-EVAL_METRICS = "artifacts/eval/metrics.json"
+EVAL_METRICS = (Layout().stage_dir("evaluate") / "metrics.json").as_posix()
 HEADLINE = {registry.label(k): f"model.{k}" for k in registry.HEADLINE}  # column -> dotted key
 DONE = {"Success", "Failed"}
 SEED_KEY = "runtime.seed"

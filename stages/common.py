@@ -24,8 +24,8 @@ def start(stage: str, argv: list[str] | None = None, relaunch: bool = False
 
     ap = argparse.ArgumentParser(prog=f"python -m stages.{stage}")
     ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--artifacts", default="artifacts", help="artifacts root (default: artifacts)")
-    ap.add_argument("--checkpoints", default="checkpoints", help="resumable training state (default: checkpoints)")
+    ap.add_argument("--artifacts", default=str(Layout().root), help="artifacts root (default: artifacts)")
+    ap.add_argument("--checkpoints", default=str(Layout().checkpoints), help="resumable training state (default: checkpoints)")
     args = ap.parse_args(argv)
     setup_logging()
     params = load_params(args.params)

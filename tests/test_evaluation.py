@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from amrg.data.phantoms import draw_phantom, phantom_regions, phantom_seed
-from amrg.evaluation import EvalSplit, headline_table, phantom_localisation, pick_samples, summary
+from amrg.evaluation import EvalSplit, phantom_localisation, pick_samples, summary
 from amrg.labels.schema import CHEXPERT_14
 from amrg.train import Selection
 
@@ -59,19 +59,17 @@ def test_phantom_localisation_known_answers(phantom_test):
     assert uniform["pointing_game"] == 0.0 and uniform["mean_lift"] == pytest.approx(1.0)  # chance
 
 
-def test_headline_table_and_summary():
+def test_summary_prints_the_one_compact_table():
     scores = {"BLEU_1": 0.5, "BLEU_4": 0.1, "METEOR": 0.2, "ROUGE_L": 0.3, "CIDEr": 0.4,
               "ce": {"precision": 0.6, "recall": 0.7, "f1": 0.65}}
     result = {"phantom_images": True, "n_test": 9, "model": scores, "baselines": {"most_frequent": scores},
               "ci95": {"model": {"BLEU_4": {"lo": 0.08, "hi": 0.14}, "ce": {"f1": {"lo": 0.6, "hi": 0.7}}}},
               "ce_convention": {"headline": "macro", "labels": "all14", "uncertain_as": "negative"},
-              "ci_method": {"resamples": 10}, "classifier_test": {"mean_auroc": 0.5}}
-    rows = headline_table(result)
-    assert [r["system"] for r in rows] == ["model", "most_frequent"]
-    assert rows[0]["BLEU-4"] == "0.100±0.030" and rows[0]["CE F1"] == "0.650±0.050" and rows[0]["METEOR"] == "0.200"
-    assert rows[1]["BLEU-4"] == "0.100"  # no CI for the baseline in this result
+              "ci_method": {"resamples": 10}, "classifier_test": {"mean_auroc": 0.5}, "warning": "collapse"}
     text = summary(result, "artifacts/eval/report.html")
-    assert text.startswith("PHANTOM IMAGES: test studies: 9") and "0.100±0.030" in text and "report.html" in text
+    assert text.startswith("PHANTOM IMAGES, 9 test studies")
+    assert "0.100 [0.080, 0.140]" in text and "0.650 [0.600, 0.700]" in text and "most_frequent" in text
+    assert "WARNING: collapse" in text and "report.html" in text
 
 
 def test_pick_samples_half_with_findings():

@@ -182,7 +182,7 @@ def test_params_overlay_is_validated_and_never_written(tmp_path):
 
 def test_headline_table():
     from amrg.metrics.registry import HEADLINE, label
-    from flows.metrics_table import caption, headline_table, to_markdown
+    from amrg.metrics.table import caption, headline_table, to_markdown
 
     scores = {"BLEU_1": 0.3, "BLEU_4": 0.1, "METEOR": 0.2, "ROUGE_L": 0.3, "CIDEr": 0.4,
               "ce": {"precision": 0.45, "recall": 0.55, "f1": 0.5, "micro": {"f1": 0.9}}, "per_label": {"x": 1}}

@@ -1,14 +1,14 @@
 """The headline scores of an ``evaluate`` metrics.json as one compact table: the model and each baseline
 as rows, the headline metrics (:data:`amrg.metrics.registry.HEADLINE`) as columns, ``value [lo, hi]``
-where the metrics file has a 95% CI. The Prefect artifact of the pipeline flow, the flow's console
-output and ``python -m flows.show`` all print this table. No Prefect, no DVC here."""
+where the metrics file has a 95% CI. The evaluate stage's summary, the Prefect artifact of the pipeline
+flow, the flow's console output and ``python -m flows.show`` all print this table."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from amrg.config import get_dotted
-from amrg.metrics.registry import HEADLINE, label
+from ..config import get_dotted
+from .registry import HEADLINE, label
 
 
 def _number(v: Any) -> bool:
