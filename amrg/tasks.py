@@ -3,7 +3,9 @@
 - :class:`ClassifierTask`: stage 1 (paper III-B), eq. 11 on every image of the training studies,
   validated by BCE and mean AUROC on the validation images.
 - :class:`GeneratorTask`: stage 2 (paper III-C/D), eq. 12 on precomputed stage-1 features, validated
-  by the token-mean loss and by BLEU-4 of greedy validation reports.
+  by the token-mean loss and by BLEU-4 of greedy validation reports; optionally with seed 004's
+  bidirectional objectives (``vtc_weight * VTC + tvc_weight * TVC + rec_weight * REC``,
+  :mod:`amrg.models.bidirectional`), whose training-only heads the task owns.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from . import dist
 from .config import Decode
 from .io import autocast, progress
 from .metrics import nlg_scores
@@ -59,36 +62,126 @@ def tokenize_reports(tokenizer, reports: list[str], max_tokens: int) -> tuple[to
 
 
 class GeneratorTask:
-    """``features[split] = (F, F_d)`` of the split's studies, ``reports[split]`` their reference texts."""
+    """``features[split] = (F, F_d)`` of the split's studies, ``reports[split]`` their reference texts.
+
+    The bidirectional objectives (seed 004): ``aux`` is the training-only heads module
+    (:class:`amrg.models.bidirectional.AuxiliaryObjectives`, None when TVC and REC are off: then
+    :attr:`trainee` is ``model`` itself and everything runs as without them), ``rec_targets[split]``
+    the REC targets ``(S, V, H, W)`` of the split's studies. The loss is
+    ``vtc_weight * VTC + tvc_weight * TVC + rec_weight * REC``; ``val_loss`` stays the VTC report loss
+    (token mean), so the kept-epoch selection (val_loss / val_bleu4) means what it meant. Unless the
+    objective is plain VTC, :meth:`validate` also returns every term: ``train_<term>`` (the mean over the
+    batches this process ran since the previous validation: the epoch, or its rest after a resume) and
+    ``val_<term>``; VTC is token-weighted, TVC and REC are per-study means.
+    """
 
     def __init__(self, model, features: dict[str, tuple[torch.Tensor, torch.Tensor]], reports: dict[str, list[str]],
-                 max_tokens: int, batch_size: int, device: torch.device, precision: str):
+                 max_tokens: int, batch_size: int, device: torch.device, precision: str, *, vtc_weight: float = 1.0,
+                 tvc_weight: float = 0.0, rec_weight: float = 0.0, aux=None,
+                 rec_targets: dict[str, torch.Tensor] | None = None):
         self.model, self.features, self.reports = model, features, reports
         self.ids = {split: tokenize_reports(model.tokenizer, texts, max_tokens) for split, texts in reports.items()}
         self.greedy = Decode(num_beams=1, max_new_tokens=max_tokens, min_new_tokens=1)
         self.batch_size, self.device, self.precision = batch_size, device, precision
+        self.weights = {"vtc": vtc_weight, "tvc": tvc_weight, "rec": rec_weight}
+        on = {k for k in ("tvc", "rec") if self.weights[k] > 0}
+        built = set() if aux is None else {k for k in ("tvc", "rec") if getattr(aux, k) is not None}
+        if on != built:
+            raise ValueError(f"the auxiliary heads {sorted(built)} do not match the terms with a weight > 0 "
+                             f"{sorted(on)}")
+        if "rec" in on and not rec_targets:
+            raise ValueError("rec_weight > 0 needs the REC targets (rec_targets)")
+        self.aux = aux
+        self.trainee = model if aux is None else aux.wrap(model)  # what fit trains
+        self.text = {split: aux.tokenize(texts) for split, texts in reports.items()} if "tvc" in on else None
+        self.rec_targets = rec_targets if "rec" in on else None
+        self.terms = ["vtc", *sorted(on)] if self.weights != {"vtc": 1.0, "tvc": 0.0, "rec": 0.0} else []
+        self._train_sums = torch.zeros(2 * 3, dtype=torch.float64)  # per term: sum of value x weight, sum of weights
+        self._last: dict[str, float] = {}
+
+    def split_state(self, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """fit's kept weights -> (the generator's, as ``weights.safetensors`` holds them; the auxiliary heads')."""
+        return (state, {}) if self.aux is None else self.trainee.split_state(state)
 
     def loss(self, net: torch.nn.Module, split: str, b: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """Mean loss over the report tokens of rows ``b`` of ``split`` and how many tokens that is."""
+        """Mean loss over the report tokens of rows ``b`` of ``split`` and how many tokens that is (with the
+        auxiliary terms: their weighted per-study means added; each term's value is kept in ``_last``)."""
         (f, fd), (tok, mask) = self.features[split], self.ids[split]
         width = int(mask[b].sum(1).max())
+        n = int(mask[b].sum())
+        if self.aux is None:
+            with autocast(self.device, self.precision):
+                loss = net(f[b].to(self.device), fd[b].to(self.device), tok[b, :width].to(self.device),
+                           mask[b, :width].to(self.device)).float()
+            if self.terms:
+                self._last = {"vtc": float(loss.detach())}
+                loss = self.weights["vtc"] * loss
+            return loss, n
+        extra = {}
+        if self.text is not None:
+            ids, tmask = self.text[split]
+            tw = int(tmask[b].sum(1).max())
+            extra["text"] = (ids[b, :tw].to(self.device), tmask[b, :tw].to(self.device))
+        if self.rec_targets is not None:
+            extra["rec_target"] = self.rec_targets[split][b].to(self.device)
         with autocast(self.device, self.precision):
-            loss = net(f[b].to(self.device), fd[b].to(self.device), tok[b, :width].to(self.device),
-                       mask[b, :width].to(self.device)).float()
-        return loss, int(mask[b].sum())
+            out = net(f[b].to(self.device), fd[b].to(self.device), tok[b, :width].to(self.device),
+                      mask[b, :width].to(self.device), **extra)
+        out = {k: v.float() for k, v in out.items()}
+        self._last = {k: float(v.detach()) for k, v in out.items()}
+        aux = sum(self.weights[k] * out[k] for k in out if k != "vtc")
+        return self.weights["vtc"] * out["vtc"] + self.aux_scale(split, len(b), n) * aux, n
+
+    def aux_scale(self, split: str, n_rows: int, n_tokens: int) -> float:
+        """Under a launcher, :func:`amrg.train.fit` weights each rank's loss by its share of the global batch's
+        report tokens, right for the token-mean VTC; the per-study TVC and REC means are rescaled here by
+        (study share / token share), so N processes follow one process's gradient of the global batch
+        (1 in one process; a rank's one borrowed study of a batch shorter than N processes is counted)."""
+        if split != "train" or dist.context().world == 1:
+            return 1.0
+        rows, tokens = dist.all_reduce_sum(torch.tensor([n_rows, n_tokens], dtype=torch.float64)).tolist()
+        return (n_rows / rows) * (tokens / n_tokens)
+
+    def _weights_of(self, n_rows: int, n_tokens: int) -> dict[str, float]:
+        return {"vtc": float(n_tokens), "tvc": float(n_rows), "rec": float(n_rows)}
+
+    def _accumulate(self, sums: torch.Tensor, n_rows: int, n_tokens: int) -> None:
+        w = self._weights_of(n_rows, n_tokens)
+        for i, k in enumerate(("vtc", "tvc", "rec")):
+            if k in self._last:
+                sums[2 * i] += self._last[k] * w[k]
+                sums[2 * i + 1] += w[k]
+
+    def _means(self, sums: torch.Tensor, prefix: str) -> dict[str, float]:
+        return {f"{prefix}_{k}": float(sums[2 * i] / sums[2 * i + 1]) for i, k in enumerate(("vtc", "tvc", "rec"))
+                if k in self.terms and sums[2 * i + 1] > 0}
 
     def batch_loss(self, net: torch.nn.Module, b: torch.Tensor) -> tuple[torch.Tensor, int]:
-        return self.loss(net, "train", b)
+        loss, n = self.loss(net, "train", b)
+        if self.terms:
+            self._accumulate(self._train_sums, len(b), n)
+        return loss, n
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
         self.model.eval()
+        if self.aux is not None:
+            self.aux.eval()
         f, fd = self.features["val"]
         total, n_tokens, hyps = 0.0, 0, []
+        val_sums = torch.zeros(2 * 3, dtype=torch.float64)
         for b in progress(torch.arange(len(f)).split(self.batch_size), "validation decoding", unit="batch"):
-            loss, n = self.loss(self.model, "val", b)
+            loss, n = self.loss(self.trainee, "val", b)  # the generator itself unless a head is on
+            if self.terms:
+                self._accumulate(val_sums, len(b), n)
+                loss = self._last["vtc"]  # val_loss is the VTC report loss, whatever the weights
             total, n_tokens = total + float(loss) * n, n_tokens + n
             with autocast(self.device, self.precision):
                 hyps += self.model.generate(f[b].to(self.device), fd[b].to(self.device), self.greedy)
-        return {"val_loss": total / max(n_tokens, 1),
-                "val_bleu4": nlg_scores(self.reports["val"], hyps, meteor=False)["BLEU_4"]}
+        out = {"val_loss": total / max(n_tokens, 1),
+               "val_bleu4": nlg_scores(self.reports["val"], hyps, meteor=False)["BLEU_4"]}
+        if self.terms:
+            train = dist.all_reduce_sum(self._train_sums)
+            self._train_sums = torch.zeros_like(self._train_sums)
+            out |= self._means(train, "train") | self._means(val_sums, "val")
+        return out

@@ -8,6 +8,10 @@ reports; ``generator.select`` picks the epoch kept. Only trainable weights are w
 :class:`~amrg.models.generator.GeneratorSpec` that rebuilds the rest (plus a scratch LM's tokenizer and
 config), so a frozen 7B LM adds nothing to the output. ``runtime.num_processes > 1`` runs the stage
 data-parallel under torchrun (:mod:`amrg.dist`); it runs as is under ``torchrun``/``accelerate launch`` too.
+
+``generator.tvc_weight`` / ``rec_weight`` > 0 add seed 004's text-to-vision and reconstruction terms
+(:mod:`amrg.models.bidirectional`): their heads are built only then, trained beside the generator and
+written to ``auxiliary.safetensors``, which inference never reads; at 0 nothing extra is built or computed.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from amrg import dist
 from amrg.banks import load_banks
 from amrg.data.store import load_images, load_studies
 from amrg.io import save_tensors, setup_runtime, write_json
+from amrg.models.bidirectional import AUXILIARY_WEIGHTS, build_auxiliary, pooled_grid, reconstruction_targets
 from amrg.models.features import N_VIEWS, study_features
 from amrg.models.generator import GeneratorSpec, create_generator, llm_dtype
 from amrg.models.llm import save_llm
@@ -44,42 +49,59 @@ def main(argv: list[str] | None = None) -> None:
     studies, images = load_studies(layout.studies), load_images(layout.images)
     classifier = load_classifier(layout.stage_dir("train_classifier"), device)
     pixels = torch.from_numpy(images.pixels.copy())
-    features, reports = {}, {}
+    grid = pooled_grid(classifier.encoder.grid, g.visual_pool)  # the visual tokens of one view
+    features, reports, rec_targets = {}, {}, {}
     for split in ("train", "val"):
         rows = studies.rows(split)
         view_rows = images.study_views([studies.ids[i] for i in rows], N_VIEWS)
         features[split] = study_features(classifier, pixels, view_rows, g.visual_pool, device, params.runtime.precision,
                                          g.batch_size)
         reports[split] = [studies.reports[i] for i in rows]
+        if g.rec_weight > 0:
+            size = (grid[0] * g.rec_patch, grid[1] * g.rec_patch)
+            rec_targets[split] = reconstruction_targets(pixels, view_rows, size)
     del classifier, pixels
 
     spec = GeneratorSpec(params.llm, params.hopfield, params.banks.index, g.prompt, g.visual_pool,
                          features["train"][0].shape[-1], features["train"][1].shape[-1],
                          llm_dtype(params.llm, params.runtime.precision, device))
     model = create_generator(spec, *load_banks(layout, params.hopfield), train_texts=reports["train"]).to(device)
-    task = GeneratorTask(model, features, reports, g.max_report_tokens, g.batch_size, device, params.runtime.precision)
+    aux = build_auxiliary(g, model, N_VIEWS, grid, params.runtime.seed)  # None (nothing built) at tvc = rec = 0
+    task = GeneratorTask(model, features, reports, g.max_report_tokens, g.batch_size, device, params.runtime.precision,
+                         vtc_weight=g.vtc_weight, tvc_weight=g.tvc_weight, rec_weight=g.rec_weight, aux=aux,
+                         rec_targets=rec_targets or None)
     loop = LoopConfig(g.epochs, g.batch_size, g.lr, g.weight_decay, g.warmup_steps, g.grad_accum,
                       g.checkpoint_every, params.runtime.seed)
     fp = fingerprint(params.generator, spec.to_dict(), params.runtime, layout.studies, layout.images,
                      layout.classifier_weights, layout.visual_bank, layout.report_bank)
     fit_timer = Timer()
-    fitted = fit(model, len(reports["train"]), task.batch_loss, task.validate, loop,
+    fitted = fit(task.trainee, len(reports["train"]), task.batch_loss, task.validate, loop,
                  layout.checkpoint("train_generator"), fp, Selection.of(g.select))
     fit_seconds, seconds = fit_timer(), timer()
     if not dist.context().is_main:
         dist.shutdown()
         return
-    save_tensors(layout.generator_weights, fitted.best_state)
+    weights, aux_weights = task.split_state(fitted.best_state)
+    save_tensors(layout.generator_weights, weights)
+    if aux is not None:  # training-only heads (TVC / REC): kept apart, never loaded for generation
+        save_tensors(out / AUXILIARY_WEIGHTS, aux_weights)
+    else:
+        (out / AUXILIARY_WEIGHTS).unlink(missing_ok=True)  # an earlier run's, outside DVC
     save_llm(out, params.llm, model.llm, model.tokenizer)
     write_json(layout.generator_config, {"spec": spec.to_dict()})
-    n_trainable, kept = sum(v.numel() for v in fitted.best_state.values()), fitted.best
+    n_trainable, kept = sum(v.numel() for v in weights.values()), fitted.best
+    objective = {}
+    if task.terms:  # not plain VTC: the weights, the kept epoch's terms and the auxiliary heads' size
+        terms = {f"{s}_{t}": kept[f"{s}_{t}"] for s in ("train", "val") for t in task.terms if f"{s}_{t}" in kept}
+        objective = {"loss_weights": task.weights, "best_terms": terms,
+                     "auxiliary_parameters": sum(v.numel() for v in aux_weights.values())}
     write_json(out / "metrics.json", {
         "phantom_images": layout.is_phantom(), "select": g.select, "best_epoch": kept["epoch"],
         "best_val_loss": kept["val_loss"], "best_val_bleu4": kept["val_bleu4"],
         "epochs": len(fitted.history), "trainable_parameters": n_trainable, "processes": dist.context().world,
         "llm_dtype": spec.dtype,
         "train_samples_per_s": round(len(reports["train"]) * len(fitted.history) / fit_seconds, 1),  # incl. validation
-        "peak_memory_mb": peak_memory_mb(device), "seconds": seconds})
+        "peak_memory_mb": peak_memory_mb(device), "seconds": seconds, **objective})
     log_history(out, fitted.history)
     write_resolved(out, generator=g, llm=params.llm, hopfield=params.hopfield, banks_index=params.banks.index,
                    runtime=params.runtime)

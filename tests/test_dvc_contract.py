@@ -106,6 +106,7 @@ PER_KEY = [
     ("hopfield.beta", 8.0, {"train_generator"}),
     ("llm.gradient_checkpointing", True, set()),
     ("generator.epochs", 1, {"train_generator"}),
+    ("generator.tvc_weight", 1.0, {"train_generator"}),
     ("generator.checkpoint_every", 7, set()),
     ("decode.num_beams", 3, {"evaluate"}),
     ("evaluate.bootstrap", 10, {"evaluate", "score"}),  # score's CIs use evaluate's resamples

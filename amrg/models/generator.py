@@ -5,7 +5,9 @@ F_d projected), enhanced tokens F' = per disease [V-Hopfield(F_d[k]), R-Hopfield
 2 x 14 rows), the prompt's token embeddings, then BOS + report. All enter the LLM as
 ``inputs_embeds``; the loss covers report tokens only (eq. 12). Ablations: a Hopfield whose bank is
 ``None`` is switched off (Table IV rows #01-#04). ``hopfield.top_k`` with ``index`` (the
-``banks.index`` options) retrieves from each bank's faiss top-k instead of the whole bank.
+``banks.index`` options) retrieves from each bank's faiss top-k instead of the whole bank. Seed 004's
+training-only objectives (:mod:`amrg.models.bidirectional`) regularise :meth:`ReportGenerator.visual_embeds`
+from outside this module; generation never runs them.
 """
 
 from __future__ import annotations
@@ -97,19 +99,27 @@ class ReportGenerator(nn.Module):
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.llm.get_input_embeddings()(ids)
 
-    def prefix(self, visual_tokens: torch.Tensor, disease_features: torch.Tensor) -> torch.Tensor:
-        """[F, Q, F', prompt, BOS] as embeddings ``(B, P, hidden)`` (eq. 10)."""
+    def visual_embeds(self, visual_tokens: torch.Tensor) -> torch.Tensor:
+        """E_v: the visual tokens F as the LLM sees them, ``(B, N_VIEWS * T, hidden)`` (the visual mapper;
+        the seam where a generator-side vision encoder would go). The bidirectional objectives
+        (:mod:`amrg.models.bidirectional`) regularise exactly this tensor."""
+        return self.proj_visual(visual_tokens)
+
+    def prefix(self, visual_tokens: torch.Tensor, disease_features: torch.Tensor,
+               visual: torch.Tensor | None = None) -> torch.Tensor:
+        """[F, Q, F', prompt, BOS] as embeddings ``(B, P, hidden)`` (eq. 10); ``visual``: E_v already
+        computed by :meth:`visual_embeds` (training with the bidirectional objectives shares it)."""
         b = visual_tokens.shape[0]
-        parts = [self.proj_visual(visual_tokens), self.proj_query(disease_features)]
+        parts = [self.visual_embeds(visual_tokens) if visual is None else visual, self.proj_query(disease_features)]
         if (enhanced := enhanced_tokens(self.v_hopfield, self.r_hopfield, disease_features)) is not None:
             parts.append(enhanced)
         parts.append(self.embed(self.prompt_ids).unsqueeze(0).expand(b, -1, -1))
         return torch.cat([p.to(parts[-1].dtype) for p in parts], dim=1)
 
-    def forward(self, visual_tokens, disease_features, report_ids, report_mask) -> torch.Tensor:
+    def forward(self, visual_tokens, disease_features, report_ids, report_mask, visual=None) -> torch.Tensor:
         """eq. 12: mean next-token loss over the report tokens only (``report_ids`` end with EOS, no
-        BOS); prefix and prompt positions carry no loss."""
-        prefix = self.prefix(visual_tokens, disease_features)
+        BOS); prefix and prompt positions carry no loss. ``visual``: see :meth:`prefix`."""
+        prefix = self.prefix(visual_tokens, disease_features, visual)
         embeds = torch.cat([prefix, self.embed(report_ids)], dim=1)
         ones = torch.ones(prefix.shape[:2], dtype=report_mask.dtype, device=report_mask.device)
         mask = torch.cat([ones, report_mask], dim=1)
