@@ -38,6 +38,7 @@ from amrg.metrics.ce import (
 )
 
 NAN = np.nan
+from .test_metrics import _rows  # noqa: E402  (the same (N, 14) builder)
 IDX = {n: CHEXPERT_14.index(n) for n in CHEXPERT_14}
 NF, CARD, LO, ED, CONS, ATEL, PE, SD = (
     IDX[n] for n in ("No Finding", "Cardiomegaly", "Lung Opacity", "Edema", "Consolidation", "Atelectasis",
@@ -45,13 +46,6 @@ NF, CARD, LO, ED, CONS, ATEL, PE, SD = (
 )
 
 
-def _rows(rows):
-    """(N, 14) CheXpert arrays from {column: value} dicts; unspecified cells are NaN (not mentioned)."""
-    out = np.full((len(rows), 14), NAN)
-    for i, row in enumerate(rows):
-        for j, v in row.items():
-            out[i, j] = v
-    return out
 
 
 # ------------------------------------------------------------------------------------- hand example

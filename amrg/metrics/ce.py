@@ -36,7 +36,7 @@ Numbers that match published ones: :func:`ce_grid` computes every cell of {``all
 tools report under their own names (:data:`NAMED_CONVENTIONS`: R2Gen macro-14, "CheXbert micro-5" of Miura
 et al. / RGRG / f1chexbert with uncertain as positive, LLaVA-Rad's Micro/Macro-F1-14/-5 with and without
 "+", example-based of PromptMRG / RGRG / CXRMate), each with the files that compute it. ``ce_scores`` is
-unchanged by them. ``docs/ce_conventions.md`` is the table (:func:`conventions_table`).
+unchanged by them. README's CE-conventions table is :func:`conventions_table`'s output.
 """
 
 from __future__ import annotations
@@ -171,6 +171,16 @@ def ce_grid(pred: np.ndarray, ref: np.ndarray) -> dict[str, dict[str, float]]:
     return out
 
 
+# the f1chexbert code path (uncertain -> positive) and the tools that score through it
+_F1CHEXBERT_SOURCES: tuple[str, ...] = (
+    "PyPI:f1chexbert==0.0.2:f1chexbert/f1chexbert.py",
+    "jbdel/vilmedic:vilmedic/blocks/scorers/scores.py",
+    "jbdel/RadEval:radeval/metrics/_chexbert_base.py",
+    "jbdel/RadEval:radeval/metrics/f1chexbert/adapter.py",
+    "microsoft/LLaVA-Rad:llava/eval/rrg_eval/rrg_eval/chexbert.py",
+    "microsoft/LLaVA-Rad:llava/eval/rrg_eval/run.py",
+)
+
 _UNC_NEG = "blank (NaN) and uncertain (-1) -> negative"
 _UNC_POS = "blank (NaN) -> negative, uncertain (-1) -> positive"
 
@@ -271,12 +281,7 @@ NAMED_CONVENTIONS: dict[str, dict[str, Any]] = {
         "sources": [
             "ysmiura/ifcc:eval_prf.py",
             "ttanida/rgrg:src/full_model/evaluate_full_model/evaluate_language_model.py",
-            "PyPI:f1chexbert==0.0.2:f1chexbert/f1chexbert.py",
-            "jbdel/vilmedic:vilmedic/blocks/scorers/scores.py",
-            "jbdel/RadEval:radeval/metrics/_chexbert_base.py",
-            "jbdel/RadEval:radeval/metrics/f1chexbert/adapter.py",
-            "microsoft/LLaVA-Rad:llava/eval/rrg_eval/rrg_eval/chexbert.py",
-            "microsoft/LLaVA-Rad:llava/eval/rrg_eval/run.py",
+            *_F1CHEXBERT_SOURCES,
         ],
     },
     "chexbert_micro14": {
@@ -291,12 +296,7 @@ NAMED_CONVENTIONS: dict[str, dict[str, Any]] = {
         "aka": ["f1_micro_all", "chexbert-all_micro avg_f1-score", "f1chexbert_all_micro_f1", "Micro-F1-14+"],
         "sources": [
             "ttanida/rgrg:src/full_model/evaluate_full_model/evaluate_language_model.py",
-            "PyPI:f1chexbert==0.0.2:f1chexbert/f1chexbert.py",
-            "jbdel/vilmedic:vilmedic/blocks/scorers/scores.py",
-            "jbdel/RadEval:radeval/metrics/_chexbert_base.py",
-            "jbdel/RadEval:radeval/metrics/f1chexbert/adapter.py",
-            "microsoft/LLaVA-Rad:llava/eval/rrg_eval/rrg_eval/chexbert.py",
-            "microsoft/LLaVA-Rad:llava/eval/rrg_eval/run.py",
+            *_F1CHEXBERT_SOURCES,
         ],
     },
     "chexbert_macro14": {
@@ -309,12 +309,7 @@ NAMED_CONVENTIONS: dict[str, dict[str, Any]] = {
         ],
         "aka": ["chexbert-all_macro avg_f1-score", "f1chexbert_all_macro_f1", "Macro-F1-14+"],
         "sources": [
-            "PyPI:f1chexbert==0.0.2:f1chexbert/f1chexbert.py",
-            "jbdel/vilmedic:vilmedic/blocks/scorers/scores.py",
-            "jbdel/RadEval:radeval/metrics/_chexbert_base.py",
-            "jbdel/RadEval:radeval/metrics/f1chexbert/adapter.py",
-            "microsoft/LLaVA-Rad:llava/eval/rrg_eval/rrg_eval/chexbert.py",
-            "microsoft/LLaVA-Rad:llava/eval/rrg_eval/run.py",
+            *_F1CHEXBERT_SOURCES,
         ],
     },
     "chexbert_macro5": {
@@ -327,12 +322,7 @@ NAMED_CONVENTIONS: dict[str, dict[str, Any]] = {
         ],
         "aka": ["chexbert-5_macro avg_f1-score", "f1chexbert_5_macro_f1", "Macro-F1-5+"],
         "sources": [
-            "PyPI:f1chexbert==0.0.2:f1chexbert/f1chexbert.py",
-            "jbdel/vilmedic:vilmedic/blocks/scorers/scores.py",
-            "jbdel/RadEval:radeval/metrics/_chexbert_base.py",
-            "jbdel/RadEval:radeval/metrics/f1chexbert/adapter.py",
-            "microsoft/LLaVA-Rad:llava/eval/rrg_eval/rrg_eval/chexbert.py",
-            "microsoft/LLaVA-Rad:llava/eval/rrg_eval/run.py",
+            *_F1CHEXBERT_SOURCES,
         ],
     },
     "example14": {
@@ -356,7 +346,7 @@ NAMED_CONVENTIONS: dict[str, dict[str, Any]] = {
         ],
     },
 }
-"""The CE conventions the field reports, by name, in order (R2Gen's headline first). See ``docs/ce_conventions.md``."""
+"""The CE conventions the field reports, by name, in order (R2Gen's headline first). README's CE-conventions table lists them."""
 
 
 def named_conventions(grid: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
@@ -371,7 +361,7 @@ def named_conventions(grid: dict[str, dict[str, float]]) -> dict[str, dict[str, 
 
 def conventions_table() -> str:
     """:data:`NAMED_CONVENTIONS` as a markdown table (convention name = grid cell | exact definition |
-    used by | source), the one in ``docs/ce_conventions.md``."""
+    used by | source), the one in README."""
     rows = ["| convention name (= `ce_grid` cell) | exact definition | used by | source (owner/repo:path) |",
             "|---|---|---|---|"]
     for name, c in NAMED_CONVENTIONS.items():
