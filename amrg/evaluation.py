@@ -24,6 +24,7 @@ from .layout import PHANTOM_FLAG
 from .metrics import ce_scores, nlg_scores, registry
 from .metrics.bootstrap import SystemStats, bootstrap_ci, ce_stats, method, nlg_stats
 from .metrics.ce import ce_grid, named_conventions
+from .metrics.provenance import file_sha256, package_version
 from .metrics.nlg import java_problem, prepare_texts, protocol
 
 Labeler = Callable[[list[str]], np.ndarray]
@@ -123,12 +124,7 @@ def truncate_references(refs: list[str], tokenizer, max_tokens: int) -> list[str
 
 
 def _version(package: str) -> str:
-    from importlib import metadata
-
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return "not installed"
+    return package_version(package) or "not installed"
 
 
 def labeler_provenance(labels) -> dict:
@@ -136,14 +132,8 @@ def labeler_provenance(labels) -> dict:
     ``labels`` is :class:`amrg.config.Labels`."""
     out = {"labeler": labels.labeler, "amrg": _version("amrg")}
     if labels.labeler == "chexbert" and labels.chexbert_checkpoint:
-        import hashlib
-        from pathlib import Path
-
-        h = hashlib.sha256()
-        with Path(labels.chexbert_checkpoint).open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        out.update(checkpoint=labels.chexbert_checkpoint, sha256=h.hexdigest(), tokenizer=labels.chexbert_tokenizer)
+        out.update(checkpoint=labels.chexbert_checkpoint, sha256=file_sha256(labels.chexbert_checkpoint),
+                   tokenizer=labels.chexbert_tokenizer)
     return out
 
 

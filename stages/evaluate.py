@@ -66,11 +66,12 @@ def main(argv: list[str] | None = None) -> None:
     scores = score_systems(ts.refs, systems, ts.ref_labels, labeler, ev, seed)
     timings = {"generation": {"seconds": gen_seconds, "reports_per_s": round(len(test) / max(gen_seconds, 1e-9), 2)}}
     guard = template_guard(scores, ts.ref_labels, ev.ce_uncertain_as)
-    result = build_result(scores, ev, seed, phantom=layout.is_phantom(), n_test=len(test), classifier_test=cls_test,
+    phantom = layout.is_phantom()
+    result = build_result(scores, ev, seed, phantom=phantom, n_test=len(test), classifier_test=cls_test,
                           timings=timings, guard=guard, labels=params.labels)
     if result["warning"]:
         log.warning("%s", result["warning"])
-    if layout.is_phantom():  # the drawn findings are the ground truth of where CAM should point
+    if phantom:  # the drawn findings are the ground truth of where CAM should point
         loc_timer = Timer()
         drawn_with = read_json(layout.params("preprocess"))["runtime"]["seed"]
         localisation = phantom_localisation(run, ts, studies.labels[test], images.views, drawn_with, params.cam.method,
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     write_json(out / "metrics.json", result)
     write_json(out / "details.json", {**build_details(scores, cls_test, [ids[i] for i in picked], guard,
                                                     params.labels.labeler),
-                                      "cam_localisation_per_disease": localisation["per_disease"] if layout.is_phantom() else None})
+                                      "cam_localisation_per_disease": localisation["per_disease"] if phantom else None})
     write_parquet(out / "predictions.parquet", {"id": ids, "reference": ts.refs, "generated": hyps,
                                                 **{f"baseline_{k}": v for k, v in systems.items() if k != "model"}})
     write_resolved(out, decode=params.decode, evaluate=ev, labels=params.labels, cam=params.cam, runtime=params.runtime)
