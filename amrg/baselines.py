@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -26,14 +26,24 @@ def most_frequent_report(train_reports: list[str]) -> str:
     return Counter(train_reports).most_common(1)[0][0]
 
 
-def nearest_neighbour_reports(train_features: torch.Tensor, train_reports: list[str],
-                              test_features: torch.Tensor, batch: int = 1024) -> list[str]:
-    train = torch.nn.functional.normalize(train_features.flatten(1).float(), dim=1)
-    out = []
-    for s in range(0, len(test_features), batch):
-        test = torch.nn.functional.normalize(test_features[s:s + batch].flatten(1).float(), dim=1)
-        out += [train_reports[i] for i in (test @ train.T).argmax(1).tolist()]
-    return out
+def nearest_neighbour_reports(train_features: torch.Tensor | Iterable[torch.Tensor], train_reports: list[str],
+                              test_features: torch.Tensor) -> list[str]:
+    """Each test study gets the report of its most cosine-similar training study (the first on ties).
+    ``train_features``: one tensor, or its batches in training order (streamed: memory holds one batch)."""
+    test = torch.nn.functional.normalize(test_features.flatten(1).float(), dim=1)
+    best = torch.full((len(test),), -float("inf"))
+    arg = torch.zeros(len(test), dtype=torch.long)
+    start = 0
+    for chunk in ([train_features] if isinstance(train_features, torch.Tensor) else train_features):
+        train = torch.nn.functional.normalize(chunk.flatten(1).float(), dim=1)
+        if len(train):
+            sim, idx = (test @ train.T).max(1)  # the first maximum within the chunk
+            better = sim > best  # strictly: an earlier chunk keeps a tie
+            best, arg = torch.where(better, sim, best), torch.where(better, idx + start, arg)
+        start += len(train)
+    if start != len(train_reports):
+        raise ValueError(f"{start} training feature rows for {len(train_reports)} training reports")
+    return [train_reports[i] for i in arg.tolist()]
 
 
 def oracle_reports(test_labels: np.ndarray, train_reports: list[str],

@@ -31,19 +31,44 @@ class Runtime:
     # Training stages relaunch themselves under torchrun with this many processes (one per GPU;
     # gloo on CPU). 1: a plain process. Also runs as is under `torchrun`/`accelerate launch`.
     num_processes: int = 1
+    # DataLoader worker processes reading image batches ahead of the training step (0: in the main process)
+    loader_workers: int = 0
 
     def check(self) -> list[str]:
         errs = [] if self.num_threads >= 0 else ["runtime.num_threads must be >= 0"]
+        errs += [] if self.loader_workers >= 0 else ["runtime.loader_workers must be >= 0"]
         return errs + _positive(self, "runtime", ["num_processes"])
+
+
+DATASETS = ("iu_xray", "annotation", "mimic_cxr", "chexpert_plus", "table")
 
 
 @dataclass(frozen=True)
 class Data:
-    dataset: Literal["iu_xray"] = "iu_xray"
-    annotation: str = "data/iu_xray/annotation.json"
-    images_dir: Optional[str] = None  # None: draw phantom images from the labels
+    """Which dataset, read how (:mod:`amrg.data.builders`; README "Datasets").
+
+    ``dataset`` picks the builder: ``iu_xray`` / ``annotation`` (an R2Gen-format ``annotation.json``),
+    ``mimic_cxr`` (MIMIC-CXR-JPG 2.0.0 at ``root`` + the free-text reports at ``reports``),
+    ``chexpert_plus`` (``df_chexpert_plus_240401.csv`` at ``root``), ``table`` (your CSV / parquet at
+    ``table``). For ``mimic_cxr`` / ``chexpert_plus`` a non-null ``annotation`` is the split (R2Gen's
+    MIMIC-CXR file, CXPMRG-Bench's CheXpert Plus file); null: the release's official split.
+    """
+
+    dataset: Literal["iu_xray", "annotation", "mimic_cxr", "chexpert_plus", "table"] = "iu_xray"
+    annotation: Optional[str] = "data/iu_xray/annotation.json"
+    root: Optional[str] = None  # the release root (mimic_cxr, chexpert_plus)
+    reports: Optional[str] = None  # mimic_cxr: the reports' files/ tree, or mimic-cxr-reports.zip
+    table: Optional[str] = None  # table: a CSV or parquet file
+    cleaner: Literal["auto", "iu", "mimic"] = "auto"  # R2Gen's report cleaner; auto: iu for iu_xray, else mimic
+    sections: Literal["findings", "impression", "findings_impression"] = "findings"
+    max_views: int = 2  # images kept per study, frontal (PA, AP) first, then lateral (LATERAL, LL)
+    images: Literal["phantom", "files"] = "phantom"  # phantom: drawn from each study's labels
+    images_dir: Optional[str] = None  # files: image paths are relative to it (null: data.root)
     image_size: int = 224
     max_studies: Optional[int] = None  # per split; a small profile for tests and smoke runs
+    # how preprocess runs, not what it makes (untracked: the output is byte-identical for any value)
+    chunk_images: int = 1024  # images decoded and written per resumable chunk
+    workers: int = 0  # decoding processes (0: one per core)
 
     def check(self) -> list[str]:
         errs = []
@@ -51,12 +76,33 @@ class Data:
             errs.append("data.image_size must be a multiple of 16 and >= 32")
         if self.max_studies is not None and self.max_studies < 1:
             errs.append("data.max_studies must be >= 1 or null")
+        errs += _positive(self, "data", ["max_views", "chunk_images"])
+        if self.workers < 0:
+            errs.append("data.workers must be >= 0 (0: one per core)")
+        needs = {"iu_xray": ["annotation"], "annotation": ["annotation"], "mimic_cxr": ["root", "reports"],
+                 "chexpert_plus": ["root"], "table": ["table"]}[self.dataset]
+        errs += [f"data.{k} is required with data.dataset={self.dataset}" for k in needs if not getattr(self, k)]
+        if self.images == "files" and not (self.images_dir or self.root):
+            errs.append("data.images=files needs data.images_dir (or data.root) to read the images from")
         return errs
+
+    @property
+    def image_root(self) -> Optional[str]:
+        """The directory image paths are relative to (None with phantom images)."""
+        return None if self.images == "phantom" else (self.images_dir or self.root)
+
+    @property
+    def report_cleaner(self) -> str:
+        """The R2Gen cleaner in use: ``iu`` or ``mimic``."""
+        return self.cleaner if self.cleaner != "auto" else ("iu" if self.dataset == "iu_xray" else "mimic")
 
 
 @dataclass(frozen=True)
 class Labels:
     labeler: Literal["rules", "chexbert"] = "rules"
+    # the classifier's targets: the labeler's labels of the reports, or the CheXpert labels the dataset
+    # ships (mimic_cxr, chexpert_plus). CE always labels references and reports with the labeler.
+    source: Literal["labeler", "dataset"] = "labeler"
     chexbert_checkpoint: Optional[str] = None  # local chexbert.pth of the CheXbert release
     chexbert_tokenizer: Optional[str] = None  # bert-base-uncased tokenizer + config (dir or HF id)
 

@@ -12,7 +12,7 @@ as the references and scored by the same functions; metric names come from :mod:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -53,7 +53,8 @@ class Scores:
     seconds: dict[str, float]  # scoring_seconds, bootstrap_seconds
 
 
-def baseline_systems(hyps: list[str], train_reports: list[str], train_fd: torch.Tensor, test_fd: torch.Tensor,
+def baseline_systems(hyps: list[str], train_reports: list[str], train_fd: torch.Tensor | Iterable[torch.Tensor],
+                     test_fd: torch.Tensor,
                      ref_labels: np.ndarray, labeler: Labeler, uncertain_as: str) -> dict[str, list[str]]:
     """The model's reports and the three baselines' (most frequent, nearest neighbour, oracle template)."""
     return {"model": hyps,

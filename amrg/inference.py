@@ -56,6 +56,13 @@ class Run:
     def image_size(self) -> int:
         return int(self.classifier.spec.img_size)
 
+    def iter_features(self, pixels, view_rows: np.ndarray, batch_size: int):
+        """:meth:`features` batch by batch (memory: one batch)."""
+        from .models.features import iter_study_features
+
+        return iter_study_features(self.classifier, pixels, view_rows, self.spec.visual_pool, self.device,
+                                   self.precision, batch_size)
+
     def features(self, pixels: torch.Tensor, view_rows: np.ndarray, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Frozen stage-1 inputs of the generator for studies ``view_rows (S, 2)`` of uint8 ``pixels``."""
         from .models.features import study_features

@@ -16,6 +16,7 @@ from pathlib import Path
 
 # stage -> its output directory under the artifacts root, in pipeline order
 STAGE_DIRS: dict[str, str] = {
+    "index": "index",
     "preprocess": "preprocess",
     "train_classifier": "classifier",
     "mine_cam": "cam",
@@ -65,12 +66,22 @@ class Layout:
 
     # -- the files stages hand to each other ------------------------------------------------------
     @property
+    def manifest(self) -> Path:
+        """The input files preprocess reads, with their sizes and stamps (:mod:`amrg.data.manifest`)."""
+        return self.stage_dir("index") / "manifest.tsv"
+
+    @property
     def studies(self) -> Path:
         return self.stage_dir("preprocess") / "studies.parquet"
 
     @property
     def images(self) -> Path:
         return self.stage_dir("preprocess") / "images.parquet"
+
+    @property
+    def pixels(self) -> Path:
+        """uint8 ``(N, S, S)`` rows of the images listed in :attr:`images` (:class:`amrg.data.store.RowFile`)."""
+        return self.stage_dir("preprocess") / "pixels.npy"
 
     @property
     def stats(self) -> Path:

@@ -21,21 +21,55 @@ from .metrics.classification import multilabel_metrics
 from .models.classifier import classifier_loss, predict_proba
 
 
-class ClassifierTask:
-    """uint8 ``pixels (N, S, S)``, binary ``targets (N, 14)``; ``train``/``val`` are image rows."""
+class ImageBatches(torch.utils.data.Dataset):
+    """Training images for a ``DataLoader`` with a batch sampler: ``__getitems__(batch)`` reads the batch's
+    rows of the pixel store in one read and returns ``(uint8 pixels (B, S, S), targets (B, 14))``."""
 
-    def __init__(self, model, pixels: torch.Tensor, targets: torch.Tensor, train: np.ndarray, val: np.ndarray,
+    def __init__(self, pixels, targets: torch.Tensor, rows: np.ndarray):
+        self.pixels, self.targets, self.rows = pixels, targets, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitems__(self, batch: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self.rows[np.asarray(batch, dtype=np.int64)]
+        return self.pixels[rows], self.targets[rows]
+
+    def __getitem__(self, i: int):
+        return self.__getitems__([i])
+
+
+def as_batch(batch):
+    """The DataLoader's collate function: the dataset already returns whole batches."""
+    return batch
+
+
+class ClassifierTask:
+    """uint8 ``pixels (N, S, S)`` (a tensor or :class:`amrg.data.store.TensorRows`), binary ``targets (N, 14)``;
+    ``train``/``val`` are image rows. :meth:`loader` reads training batches ahead of the step
+    (``loader_workers`` processes, pinned memory on CUDA); pixels are normalised on the device."""
+
+    def __init__(self, model, pixels, targets: torch.Tensor, train: np.ndarray, val: np.ndarray,
                  ortho_weight: float, pos_weight: torch.Tensor | None, batch_size: int, device: torch.device,
-                 precision: str):
+                 precision: str, loader_workers: int = 0):
         self.model, self.pixels, self.targets, self.train, self.val = model, pixels, targets, train, val
         self.ortho_weight, self.pos_weight, self.batch_size = ortho_weight, pos_weight, batch_size
-        self.device, self.precision = device, precision
+        self.device, self.precision, self.loader_workers = device, precision, loader_workers
 
-    def batch_loss(self, net: torch.nn.Module, b: torch.Tensor) -> torch.Tensor:
-        rows = self.train[b.numpy()]
+    def loader(self, shards: list[torch.Tensor]) -> torch.utils.data.DataLoader:
+        workers = self.loader_workers
+        return torch.utils.data.DataLoader(
+            ImageBatches(self.pixels, self.targets, self.train), batch_sampler=[s.tolist() for s in shards],
+            collate_fn=as_batch, num_workers=workers, pin_memory=self.device.type == "cuda",
+            prefetch_factor=2 if workers else None, multiprocessing_context="fork" if workers else None,
+            generator=torch.Generator().manual_seed(0))  # its worker seed must not draw from the global RNG,
+        # which a resumed run restores from the checkpoint (the loader holds no randomness of its own)
+
+    def batch_loss(self, net: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        pixels, targets = batch
         with autocast(self.device, self.precision):
-            logits = net(self.pixels[rows].to(self.device)).float()
-        return classifier_loss(logits, self.targets[rows].to(self.device), self.model.qformer.queries,
+            logits = net(pixels.to(self.device, non_blocking=True)).float()
+        return classifier_loss(logits, targets.to(self.device, non_blocking=True), self.model.qformer.queries,
                                self.ortho_weight, self.pos_weight)[0]
 
     def probabilities(self, rows: np.ndarray) -> np.ndarray:

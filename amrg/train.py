@@ -22,7 +22,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from tqdm import tqdm
@@ -90,12 +90,16 @@ def shard(batch: torch.Tensor, ctx: dist.Context) -> tuple[torch.Tensor, bool]:
 def fit(model: torch.nn.Module, n_train: int,
         batch_loss: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor | tuple[torch.Tensor, int]],
         validate: Callable[[], dict[str, float]], cfg: LoopConfig, checkpoint: Path, fingerprint: str,
-        selection: Selection = Selection("val_loss", "min")) -> FitResult:
+        selection: Selection = Selection("val_loss", "min"),
+        loader: Callable[[list[torch.Tensor]], Iterable] | None = None) -> FitResult:
     """Train ``model``'s trainable parameters; return the kept epoch's weights, the per-epoch history
     and the kept epoch's history row (``selection``).
 
     ``batch_loss(module, indices)`` computes the loss through ``module`` (the DDP wrapper when
-    launched, else ``model``) for the training rows ``indices``.
+    launched, else ``model``) for the training rows ``indices``. With ``loader``, ``loader(shards)`` is
+    handed this rank's index shards of the rest of the epoch and yields one batch of data per shard, in
+    order (a ``torch.utils.data.DataLoader`` reading and pinning ahead of the step), and ``batch_loss``
+    gets that batch instead of the indices.
     """
     ctx = dist.context()
     net = model
@@ -135,14 +139,16 @@ def fit(model: torch.nn.Module, n_train: int,
         batches = epoch_batches(n_train, cfg.batch_size, cfg.seed, state["epoch"])
         model.train()
         running = torch.zeros(2, dtype=torch.float64)  # Σ loss·items, Σ items (this rank)
-        bar = tqdm(range(state["batch"], len(batches)), desc=f"epoch {state['epoch'] + 1}/{cfg.epochs}",
-                   leave=False, mininterval=5, disable=not ctx.is_main)
-        for b in bar:
+        todo = range(state["batch"], len(batches))
+        shards = [shard(batches[b], ctx) for b in todo]
+        stream = iter(loader([s for s, _ in shards])) if loader is not None else None
+        bar = tqdm(todo, desc=f"epoch {state['epoch'] + 1}/{cfg.epochs}", leave=False, mininterval=5,
+                   disable=not ctx.is_main)
+        for b, (local, real) in zip(bar, shards):
             boundary = (b + 1) % cfg.grad_accum == 0 or b + 1 == len(batches)
-            local, real = shard(batches[b], ctx)
             sync = contextlib.nullcontext() if boundary or ctx.world == 1 else net.no_sync()
             with sync:
-                out = batch_loss(net, local)
+                out = batch_loss(net, local if stream is None else next(stream))
                 loss, count = out if isinstance(out, tuple) else (out, len(local))
                 count = float(count) if real else 0.0
                 if not torch.isfinite(loss):

@@ -93,7 +93,7 @@ def collect(repo: Path, run: Path, params_file: Path) -> dict[str, Any]:
         "uncommitted": len(dirty),
         "params": {"file": str(params_file), "sha256": canon},
         "dataset": params.data.dataset,
-        "images": "phantom" if params.data.images_dir is None else params.data.images_dir,
+        "images": "phantom" if params.data.images == "phantom" else params.data.image_root,
     }
     try:
         state = dvc_state(repo, params.data.annotation)

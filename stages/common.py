@@ -36,12 +36,22 @@ def start(stage: str, argv: list[str] | None = None, relaunch: bool = False
     return params, log, Layout(Path(args.artifacts), Path(args.checkpoints))
 
 
+CONTENT_HASH_LIMIT = 256 * 2**20  # larger input files (the pixel store) are fingerprinted by size and mtime
+
+
 def fingerprint(*parts) -> str:
-    """Hash of params sections and input files: a training checkpoint only resumes the same run."""
+    """Hash of params sections and input files: a training checkpoint only resumes the same run. Files are
+    hashed by content in 16 MiB reads, those over :data:`CONTENT_HASH_LIMIT` by size and mtime."""
     h = hashlib.sha256()
     for p in parts:
-        if isinstance(p, Path):
-            h.update(p.read_bytes() if p.is_file() else str(sorted(x.stat().st_mtime_ns for x in p.rglob("*"))).encode())
+        if isinstance(p, Path) and p.is_file() and p.stat().st_size > CONTENT_HASH_LIMIT:
+            h.update(f"{p.stat().st_size}:{p.stat().st_mtime_ns}".encode())
+        elif isinstance(p, Path) and p.is_file():
+            with open(p, "rb") as f:
+                for block in iter(lambda: f.read(1 << 24), b""):
+                    h.update(block)
+        elif isinstance(p, Path):
+            h.update(str(sorted(x.stat().st_mtime_ns for x in p.rglob("*"))).encode())
         else:
             h.update(json.dumps(p, sort_keys=True, default=str).encode())
     return h.hexdigest()[:16]

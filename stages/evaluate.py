@@ -13,7 +13,6 @@ paired resamples for 95% CIs. The classifier's test AUROC is reported too. Outpu
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from amrg.data.store import image_targets, load_images, load_studies
 from amrg.evaluation import (EvalSplit, baseline_systems, build_details, build_result, check_java, per_label,
@@ -36,11 +35,11 @@ def main(argv: list[str] | None = None) -> None:
     check_java(ev)
     device = setup_runtime(params.runtime)
     run = load_run(layout, device, params.runtime.precision)
-    studies, images = load_studies(layout.studies), load_images(layout.images)
+    studies, images = load_studies(layout.studies), load_images(layout.images, layout.pixels)
     test, train = studies.rows("test"), studies.rows("train")
     if len(test) == 0:
         raise ValueError(f"no test studies in {layout.studies}: check data.annotation and data.max_studies")
-    pixels = torch.from_numpy(images.pixels.copy())
+    pixels = images.pixels  # read by batch from the pixel store
     ids = [studies.ids[i] for i in test]
 
     def labeler(texts: list[str]) -> np.ndarray:
@@ -56,7 +55,8 @@ def main(argv: list[str] | None = None) -> None:
     cls_test = multilabel_metrics(image_targets(studies, images, test_imgs, uncertain_as), img_probs)
 
     f, fd = run.features(pixels, ts.view_rows, ev.batch_size)
-    train_fd = run.features(pixels, images.study_views([studies.ids[i] for i in train], N_VIEWS), ev.batch_size)[1]
+    train_views = images.study_views([studies.ids[i] for i in train], N_VIEWS)
+    train_fd = (fd_batch for _, fd_batch in run.iter_features(pixels, train_views, ev.batch_size))  # streamed
     gen_timer = Timer()
     hyps = run.generate(f, fd, params.decode, ev.batch_size, desc="generate test reports")
     gen_seconds = gen_timer()
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     if phantom:  # the drawn findings are the ground truth of where CAM should point
         loc_timer = Timer()
         drawn_with = read_json(layout.params("preprocess"))["runtime"]["seed"]
-        localisation = phantom_localisation(run, ts, studies.labels[test], images.views, drawn_with, params.cam.method,
+        localisation = phantom_localisation(run, ts, studies.targets[test], images.views, drawn_with, params.cam.method,
                                             ev.batch_size)
         result["cam_localisation"] = {k: v for k, v in localisation.items() if k != "per_disease"}
         result["cam_localisation_seconds"] = loc_timer()

@@ -37,11 +37,11 @@ def main(argv: list[str] | None = None) -> None:
     params, log, layout = start("mine_cam", argv)
     p, timer, out = params.cam, Timer(), layout.stage_dir("mine_cam")
     device = setup_runtime(params.runtime)
-    studies, images = load_studies(layout.studies), load_images(layout.images)
+    studies, images = load_studies(layout.studies), load_images(layout.images, layout.pixels)
     model = load_classifier(layout.stage_dir("train_classifier"), device)
     train = np.flatnonzero(images.split == "train")
     targets = image_targets(studies, images, train, read_json(layout.classifier_config)["uncertain_as"])
-    pixels = torch.from_numpy(np.array(images.pixels))
+    pixels = images.pixels  # read by batch from the pixel store
     probs = predict_proba(model, pixels, train, device, params.runtime.precision, p.batch_size)
 
     positive = targets > 0 if p.targets == "labels" else probs > DECISION_THRESHOLD
@@ -58,8 +58,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         for s in progress(range(0, len(rows), p.batch_size), "CAM mining", unit="batch"):
             r, d = rows[s:s + p.batch_size], diseases[s:s + p.batch_size]
-            imgs = images.pixels[r]
-            cams = miner(pixels[r].to(device), d.tolist())
+            imgs = pixels.read(r)
+            cams = miner(torch.from_numpy(imgs).to(device), d.tolist())
             m = patch_mask(cams, p.patch, p.tau)
             masks.append(m), masked.append(apply_mask(imgs, m, p.patch))
             for j, dis in enumerate(d):

@@ -27,9 +27,9 @@ def main(argv: list[str] | None = None) -> None:
     params, log, layout = start("train_classifier", argv, relaunch=True)
     c, timer, out = params.classifier, Timer(), layout.stage_dir("train_classifier")
     device = setup_runtime(params.runtime)
-    studies, images = load_studies(layout.studies), load_images(layout.images)
+    studies, images = load_studies(layout.studies), load_images(layout.images, layout.pixels)
     targets = torch.from_numpy(image_targets(studies, images, np.arange(len(images.split)), c.uncertain_as))
-    pixels = torch.from_numpy(np.array(images.pixels))
+    pixels = images.pixels  # read by batch from the pixel store, never copied whole
     train, val = np.flatnonzero(images.split == "train"), np.flatnonzero(images.split == "val")
 
     spec = ClassifierSpec(params.vision.name, dict(params.vision.kwargs), int(pixels.shape[-1]),
@@ -37,13 +37,13 @@ def main(argv: list[str] | None = None) -> None:
     model = DiseaseClassifier(spec, params.vision.pretrained, params.vision.checkpoint).to(device)
     pos_weight = positive_weights(targets[train], c.pos_weight_cap).to(device) if c.pos_weight else None
     task = ClassifierTask(model, pixels, targets, train, val, c.ortho_weight, pos_weight, c.batch_size, device,
-                          params.runtime.precision)
+                          params.runtime.precision, params.runtime.loader_workers)
 
     loop = LoopConfig(c.epochs, c.batch_size, c.lr, c.weight_decay, c.warmup_steps, 1, c.checkpoint_every,
                       params.runtime.seed)
-    fp = fingerprint(spec.to_dict(), params.classifier, params.runtime, layout.studies, layout.images)
+    fp = fingerprint(spec.to_dict(), params.classifier, params.runtime, layout.studies, layout.images, layout.pixels)
     fitted = fit(model, len(train), task.batch_loss, task.validate, loop, layout.checkpoint("train_classifier"), fp,
-                 Selection.of("val_auroc"))
+                 Selection.of("val_auroc"), loader=task.loader)
     model.load_state_dict(fitted.best_state, strict=False)
     train_seconds = timer()
     if not dist.context().is_main:

@@ -1,6 +1,8 @@
 """Stage train_generator (paper III-C/D, eq. 2-10, 12): Hopfield memories + LLM, autoregressive loss.
 
-Stage-1 features of every training/validation study are computed once (frozen classifier). The
+Stage-1 features of every training/validation study are computed once (frozen classifier) and
+streamed to row files under the checkpoints root (rank 0 writes, every rank reads), so RAM does not grow
+with the number of studies; so are seed 004's reconstruction targets. The
 trainable parts (visual/query projections, V-/R-Hopfield projections θ_v, θ_r, LoRA adapters when
 ``llm.trainable = lora``, the whole LM when ``full``) are fitted on the report tokens (eq. 12,
 :class:`amrg.tasks.GeneratorTask`). Every epoch is validated by the loss and by BLEU-4 of greedy val
@@ -17,15 +19,16 @@ written to ``auxiliary.safetensors``, which inference never reads; at 0 nothing 
 from __future__ import annotations
 
 import resource
+import shutil
 
 import torch
 
 from amrg import dist
 from amrg.banks import load_banks
-from amrg.data.store import load_images, load_studies
+from amrg.data.store import TensorRows, load_images, load_studies, write_rows
 from amrg.io import save_tensors, setup_runtime, write_json
 from amrg.models.bidirectional import AUXILIARY_WEIGHTS, build_auxiliary, pooled_grid, reconstruction_targets
-from amrg.models.features import N_VIEWS, study_features
+from amrg.models.features import N_VIEWS, write_study_features
 from amrg.models.generator import GeneratorSpec, create_generator, llm_dtype
 from amrg.models.llm import save_llm
 from amrg.models.load import load_classifier
@@ -46,21 +49,28 @@ def main(argv: list[str] | None = None) -> None:
     params, log, layout = start("train_generator", argv, relaunch=True)
     g, timer, out = params.generator, Timer(), layout.stage_dir("train_generator")
     device = setup_runtime(params.runtime)
-    studies, images = load_studies(layout.studies), load_images(layout.images)
+    studies, images = load_studies(layout.studies), load_images(layout.images, layout.pixels)
     classifier = load_classifier(layout.stage_dir("train_classifier"), device)
-    pixels = torch.from_numpy(images.pixels.copy())
     grid = pooled_grid(classifier.encoder.grid, g.visual_pool)  # the visual tokens of one view
     features, reports, rec_targets = {}, {}, {}
+    cache = layout.checkpoints / "train_generator" / "features"
     for split in ("train", "val"):
         rows = studies.rows(split)
         view_rows = images.study_views([studies.ids[i] for i in rows], N_VIEWS)
-        features[split] = study_features(classifier, pixels, view_rows, g.visual_pool, device, params.runtime.precision,
-                                         g.batch_size)
         reports[split] = [studies.reports[i] for i in rows]
+        if dist.context().is_main:
+            write_study_features(classifier, images.pixels, view_rows, g.visual_pool, device, params.runtime.precision,
+                                 g.batch_size, cache / split)
+            if g.rec_weight > 0:
+                size = (grid[0] * g.rec_patch, grid[1] * g.rec_patch)
+                write_rows([cache / split / "rec.npy"], len(view_rows),
+                           ((reconstruction_targets(images.pixels, view_rows[s:s + g.batch_size], size),)
+                            for s in range(0, len(view_rows), g.batch_size)))
+        dist.barrier()
+        features[split] = (TensorRows(cache / split / "F.npy"), TensorRows(cache / split / "Fd.npy"))
         if g.rec_weight > 0:
-            size = (grid[0] * g.rec_patch, grid[1] * g.rec_patch)
-            rec_targets[split] = reconstruction_targets(pixels, view_rows, size)
-    del classifier, pixels
+            rec_targets[split] = TensorRows(cache / split / "rec.npy")
+    del classifier
 
     spec = GeneratorSpec(params.llm, params.hopfield, params.banks.index, g.prompt, g.visual_pool,
                          features["train"][0].shape[-1], features["train"][1].shape[-1],
@@ -72,15 +82,17 @@ def main(argv: list[str] | None = None) -> None:
                          rec_targets=rec_targets or None)
     loop = LoopConfig(g.epochs, g.batch_size, g.lr, g.weight_decay, g.warmup_steps, g.grad_accum,
                       g.checkpoint_every, params.runtime.seed)
-    fp = fingerprint(params.generator, spec.to_dict(), params.runtime, layout.studies, layout.images,
+    fp = fingerprint(params.generator, spec.to_dict(), params.runtime, layout.studies, layout.images, layout.pixels,
                      layout.classifier_weights, layout.visual_bank, layout.report_bank)
     fit_timer = Timer()
     fitted = fit(task.trainee, len(reports["train"]), task.batch_loss, task.validate, loop,
                  layout.checkpoint("train_generator"), fp, Selection.of(g.select))
     fit_seconds, seconds = fit_timer(), timer()
+    dist.barrier()  # every rank is done reading the features
     if not dist.context().is_main:
         dist.shutdown()
         return
+    shutil.rmtree(cache, ignore_errors=True)
     weights, aux_weights = task.split_state(fitted.best_state)
     save_tensors(layout.generator_weights, weights)
     if aux is not None:  # training-only heads (TVC / REC): kept apart, never loaded for generation

@@ -106,7 +106,7 @@ def _write_dataset(tmp_path):
 
 def _params(tmp_path, img_dir, annotation):
     params = dict(ROOT_PARAMS)
-    params["data"] = dict(params["data"], annotation=str(annotation), images_dir=str(img_dir), image_size=64)
+    params["data"] = dict(params["data"], annotation=str(annotation), images="files", images_dir=str(img_dir), image_size=64)
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params))
     return path
@@ -126,10 +126,10 @@ def test_bad_input_matrix(tmp_path, monkeypatch):
     assert {s: per_study[s] for s in kept} == {s: 1 if CASES[s][2] == "kept:1" else 2 for s in kept}
     assert images.pixels.dtype == np.uint8 and images.pixels.shape[1:] == (64, 64)
     rows = {(s, int(v)): i for i, (s, v) in enumerate(zip(images.study_ids, images.views))}
-    g16, g8 = images.pixels[rows[("png16", 0)]], images.pixels[rows[("ok", 0)]]
+    g16, g8 = images.pixels.read(rows[("png16", 0)]), images.pixels.read(rows[("ok", 0)])
     # 16-bit: rescaled by its own range to uint8, the same picture (contrast-stretched)
     assert g16.min() == 0 and g16.max() == 255 and np.corrcoef(g16.ravel(), g8.ravel())[0, 1] > 0.99
-    rgba = images.pixels[rows[("rgba", 0)]]
+    rgba = images.pixels.read(rows[("rgba", 0)])
     assert np.abs(rgba.astype(int) - g8.astype(int)).max() <= 2  # RGBA/RGB -> the same luminance
 
     # every skip is listed with its study id and reason; the counts add up

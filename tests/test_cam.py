@@ -132,7 +132,7 @@ HELD = [("v0", ["Cardiomegaly"]), ("t0", ["Pleural Effusion"])]
 def test_mine_cam_stage_regions_round_trip(tmp_path):
     from amrg.data.store import images_table, read_patch_mask
     from amrg.io import read_json, read_parquet, save_tensors, write_json, write_parquet
-    from amrg.labels.schema import LABEL_COLUMNS
+    from amrg.labels.schema import LABEL_COLUMNS, TARGET_COLUMNS
     from amrg.models.classifier import predict_proba
     from amrg.models.load import load_classifier
     from stages import mine_cam
@@ -154,9 +154,10 @@ def test_mine_cam_stage_regions_round_trip(tmp_path):
     pix = np.stack(pix)
     table = {"id": [s for s, _, _ in studies], "split": [sp for _, _, sp in studies], "report": ["r"] * len(studies),
              "findings": ["r"] * len(studies), "impression": [""] * len(studies), "n_images": [2] * len(studies)}
-    table.update({c: labels[:, j] for j, c in enumerate(LABEL_COLUMNS)})
+    table.update({c: labels[:, j] for cols in (LABEL_COLUMNS, TARGET_COLUMNS) for j, c in enumerate(cols)})
     write_parquet(layout.studies, table)
-    write_parquet(layout.images, images_table(ids, views, splits, pix))
+    write_parquet(layout.images, images_table(ids, views, splits, pix).drop(["pixels"]))  # preprocess's index
+    np.save(layout.pixels, pix)  # and its pixel store
     torch.manual_seed(1)
     spec = default_spec(size)
     save_tensors(layout.classifier_weights, DiseaseClassifier(spec).state_dict())

@@ -9,7 +9,7 @@ import yaml
 from PIL import Image
 
 from amrg.config import ParamsError, load_params, parse_params
-from amrg.data.adapters import load_iu_xray
+from amrg.data.annotation import load_annotation as load_iu_xray
 from amrg.data.clean import clean_report, report_sentences
 from amrg.data.images import ImageError, decode_image, decode_many
 from amrg.io import load_checkpoint, progress, read_json, resolve_device, save_checkpoint

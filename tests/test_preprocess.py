@@ -35,7 +35,7 @@ def _write_case(tmp_path):
     ann = tmp_path / "ann.json"
     ann.write_text(json.dumps({"train": entries, "val": [], "test": []}))
     params = dict(ROOT_PARAMS)
-    params["data"] = dict(params["data"], annotation=str(ann), images_dir=str(img_dir), image_size=64)
+    params["data"] = dict(params["data"], annotation=str(ann), images="files", images_dir=str(img_dir), image_size=64)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     return tmp_path / "params.yaml"
 

@@ -1,8 +1,15 @@
-"""The preprocess tables and fast readers for them.
+"""The preprocess tables, the pixel store, and the readers for them.
 
-``studies.parquet``: id, split, report, findings, impression, n_images, one float column per CheXpert
-observation (``lbl_*``: 1, 0, -1, NaN). ``images.parquet``: study_id, view, split, pixels (uint8
-``size x size`` as fixed-size binary, decoded once). Readers return zero-copy NumPy views.
+``studies.parquet``: id, split, patient_id, report, findings, impression, n_images, one float column per
+CheXpert observation as the labeler reads the report (``lbl_*``: 1, 0, -1, NaN; what CE compares) and
+the classifier's targets (``tgt_*``: the same labels, or the dataset's own with ``labels.source:
+dataset``). ``images.parquet``: study_id, view, view_position, split, one row per image, in the row
+order of ``pixels.npy``: uint8 ``(N, size, size)``, decoded once.
+
+Pixels (and the generator's stage-1 features) are read through :class:`RowFile`: rows of an ``.npy``
+file fetched by index through a memory map that lives for one read, so a process holds the batch it
+asked for, never the file (the mapped pages of a long-lived map would count in its resident set and
+grow with the dataset). :class:`RowWriter` writes such a file row batch by row batch, atomically.
 
 CAM keep masks (``regions.parquet``) are written by :func:`with_patch_mask` and read by
 :func:`read_patch_mask` only: column ``patch_mask``, fixed-size binary, one row-major ``np.packbits`` of
@@ -12,15 +19,19 @@ side) and ``patch_mask.side`` (patches per image side) travel with the table thr
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
+import torch
 
-from ..io import read_parquet
-from ..labels.schema import LABEL_COLUMNS, binarize
+from ..io import atomic_path, read_parquet
+from ..labels.schema import LABEL_COLUMNS, TARGET_COLUMNS, binarize
 
+PIXELS_FILE = "pixels.npy"  # beside images.parquet
 PATCH_MASK = "patch_mask"
 _PATCH_KEY, _SIDE_KEY = b"patch_mask.patch", b"patch_mask.side"
 
@@ -54,6 +65,106 @@ def pixels_of(table: pa.Table, column: str = "pixels") -> np.ndarray:
     data = _fixed_size_bytes(table, column)
     size = int(round(data.shape[1] ** 0.5))
     return data.reshape(len(data), size, size)
+
+
+# ----------------------------------------------------------------------------- row files (.npy)
+class RowFile:
+    """The rows of an ``.npy`` array ``(N, *row_shape)``: ``rf[rows]`` reads only those rows (a NumPy array
+    you own) through a memory map opened for that read. Pickles as its path (DataLoader workers)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        m = np.load(self.path, mmap_mode="r")
+        if not isinstance(m, np.memmap) or m.ndim < 1:
+            raise ValueError(f"{self.path} is not an .npy array of rows")
+        self.shape, self.dtype, self.offset = tuple(m.shape), m.dtype, m.offset
+        del m
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def read(self, rows) -> np.ndarray:
+        if isinstance(rows, torch.Tensor):
+            rows = rows.numpy()
+        if len(self) == 0:
+            return np.zeros(self.shape, self.dtype)[rows]
+        m = np.memmap(self.path, self.dtype, "r", self.offset, self.shape)
+        try:
+            return np.array(m[rows])
+        finally:
+            del m
+
+    def __getitem__(self, rows) -> np.ndarray:
+        return self.read(rows)
+
+
+class TensorRows(RowFile):
+    """A :class:`RowFile` whose reads are torch tensors (``pixels[rows]``, ``features[b]`` in the tasks)."""
+
+    def __getitem__(self, rows) -> torch.Tensor:
+        return torch.from_numpy(self.read(rows))
+
+
+class RowWriter:
+    """Write an ``.npy`` file of ``n_rows`` rows of ``row_shape`` batch by batch: the header first, then each
+    :meth:`write` appended; the file appears at ``path`` only when all ``n_rows`` were written."""
+
+    def __init__(self, path: str | Path, n_rows: int, row_shape: tuple[int, ...], dtype):
+        self.path, self.n, self.shape, self.dtype = Path(path), int(n_rows), tuple(row_shape), np.dtype(dtype)
+        self.written = 0
+
+    def __enter__(self) -> "RowWriter":
+        self._ctx = atomic_path(self.path)
+        self._f = open(self._ctx.__enter__(), "wb")
+        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
+                  "shape": (self.n, *self.shape)}
+        np.lib.format.write_array_header_1_0(self._f, header)
+        return self
+
+    def write(self, rows) -> None:
+        rows = np.ascontiguousarray(rows.numpy() if isinstance(rows, torch.Tensor) else rows, dtype=self.dtype)
+        if rows.shape[1:] != self.shape:
+            raise ValueError(f"{self.path}: rows of shape {rows.shape[1:]}, expected {self.shape}")
+        if self.written + len(rows) > self.n:
+            raise ValueError(f"{self.path}: more than the {self.n} rows announced")
+        self._f.write(rows.tobytes())
+        self.written += len(rows)
+
+    def copy_rows(self, other: Path) -> None:
+        """Append every row of the ``.npy`` file ``other`` (same row shape and dtype) without decoding it."""
+        src = RowFile(other)
+        if src.shape[1:] != self.shape or src.dtype != self.dtype:
+            raise ValueError(f"{other}: rows {src.shape[1:]} {src.dtype}, expected {self.shape} {self.dtype}")
+        with open(other, "rb") as f:
+            f.seek(src.offset)
+            shutil.copyfileobj(f, self._f, 1 << 24)
+        self.written += len(src)
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self._f.close()
+        if exc_type is None and self.written != self.n:
+            err = ValueError(f"{self.path}: {self.written} rows written, {self.n} announced")
+            self._ctx.__exit__(ValueError, err, None)  # the temporary file is removed, nothing appears
+            raise err
+        return bool(self._ctx.__exit__(exc_type, exc, tb))
+
+
+def write_rows(paths: Sequence[Path], n_rows: int, batches) -> list[TensorRows]:
+    """Stream ``batches`` (each a tuple of arrays/tensors, one per path, of equal length) into one ``.npy``
+    row file per path; each file's row shape and dtype are those of its first batch. Memory: one batch."""
+    import contextlib
+
+    writers = None
+    with contextlib.ExitStack() as stack:
+        for batch in batches:
+            arrays = [b.numpy() if isinstance(b, torch.Tensor) else np.asarray(b) for b in batch]
+            if writers is None:
+                writers = [stack.enter_context(RowWriter(p, n_rows, a.shape[1:], a.dtype)) for p, a in zip(paths, arrays)]
+            for w, a in zip(writers, arrays):
+                w.write(a)
+    if writers is None:
+        raise ValueError(f"no rows to write to {', '.join(str(p) for p in paths)}")
+    return [TensorRows(p) for p in paths]
 
 
 # ----------------------------------------------------------------------------- CAM keep masks
@@ -109,7 +220,8 @@ class Studies:
     ids: list[str]
     split: np.ndarray  # str
     reports: list[str]
-    labels: np.ndarray  # (N, 14) float32 with NaN
+    labels: np.ndarray  # (N, 14) float32 with NaN: the labeler's reading of each report (CE's reference)
+    targets: np.ndarray  # (N, 14) float32 with NaN: what the classifier learns (labels.source)
 
     def index(self) -> dict[str, int]:
         return {s: i for i, s in enumerate(self.ids)}
@@ -120,9 +232,12 @@ class Studies:
 
 def load_studies(path) -> Studies:
     t = read_parquet(path)
-    labels = np.stack([t.column(c).to_numpy(zero_copy_only=False) for c in LABEL_COLUMNS], 1).astype(np.float32)
+
+    def block(columns: list[str]) -> np.ndarray:
+        return np.stack([t.column(c).to_numpy(zero_copy_only=False) for c in columns], 1).astype(np.float32)
+
     return Studies(t.column("id").to_pylist(), np.asarray(t.column("split").to_pylist()),
-                   t.column("report").to_pylist(), labels)
+                   t.column("report").to_pylist(), block(LABEL_COLUMNS), block(TARGET_COLUMNS))
 
 
 @dataclass
@@ -130,7 +245,7 @@ class Images:
     study_ids: list[str]
     views: np.ndarray
     split: np.ndarray
-    pixels: np.ndarray  # (N, S, S) uint8
+    pixels: TensorRows  # (N, S, S) uint8, read by rows
 
     def study_views(self, ids: list[str], n_views: int = 2) -> np.ndarray:
         """Row indices ``(len(ids), n_views)``: the first ``n_views`` images of each study; a study with
@@ -151,21 +266,25 @@ class Images:
         return out
 
 
-def load_images(path) -> Images:
-    t = read_parquet(path)
+def load_images(index: str | Path, pixels: str | Path | None = None) -> Images:
+    """``images.parquet`` and its pixel rows (``pixels.npy`` beside it unless given)."""
+    t = read_parquet(index, columns=["study_id", "view", "split"])
+    rows = TensorRows(Path(index).with_name(PIXELS_FILE) if pixels is None else pixels)
+    if len(rows) != t.num_rows:
+        raise ValueError(f"{index} lists {t.num_rows} images but {rows.path} holds {len(rows)}: rerun preprocess")
     return Images(t.column("study_id").to_pylist(), t.column("view").to_numpy(),
-                  np.asarray(t.column("split").to_pylist()), pixels_of(t))
+                  np.asarray(t.column("split").to_pylist()), rows)
 
 
 def image_targets(studies: Studies, images: Images, rows: Sequence[int] | np.ndarray | None,
                   uncertain_as: str) -> np.ndarray:
     """float32 ``(len(rows), 14)`` 0/1 classifier targets of the image rows ``rows`` (``None``: every image):
-    the labels of each image's study, binarised by :func:`amrg.labels.schema.binarize` (NaN -> 0,
+    the targets of each image's study, binarised by :func:`amrg.labels.schema.binarize` (NaN -> 0,
     -1 -> ``uncertain_as``)."""
     idx = studies.index()
     rows = range(len(images.study_ids)) if rows is None else np.asarray(rows, dtype=np.int64).reshape(-1)
     missing = sorted({images.study_ids[r] for r in rows} - idx.keys())
     if missing:
         raise KeyError(f"images of study {', '.join(repr(s) for s in missing[:5])} have no row in studies.parquet")
-    labels = studies.labels[np.asarray([idx[images.study_ids[r]] for r in rows], dtype=np.int64)]
+    labels = studies.targets[np.asarray([idx[images.study_ids[r]] for r in rows], dtype=np.int64)]
     return binarize(labels, uncertain_as).astype(np.float32).reshape(-1, labels.shape[1])

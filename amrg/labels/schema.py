@@ -50,6 +50,7 @@ def label_column(name: str) -> str:
 
 
 LABEL_COLUMNS: tuple[str, ...] = tuple(label_column(n) for n in CHEXPERT_14)
+TARGET_COLUMNS: tuple[str, ...] = tuple("tgt_" + c[len("lbl_"):] for c in LABEL_COLUMNS)  # classifier targets
 
 
 def binarize(values: Any, uncertain_as: str = "negative") -> Any:

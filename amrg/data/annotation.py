@@ -1,7 +1,6 @@
-"""Dataset adapters: each turns a dataset's own files into :class:`Study` records plus counted skips.
-
-Adding a dataset (MIMIC-CXR, CheXpert Plus) is one function registered in :data:`ADAPTERS`; nothing
-downstream changes. Every rejected entry becomes a :class:`Skip` with its reason.
+"""The R2Gen ``annotation.json`` format: IU X-ray's file, R2Gen's MIMIC-CXR file, CXPMRG-Bench's CheXpert
+Plus file. :func:`load_annotation` builds studies from it; :func:`read_split` reads only its split
+(study id -> split), which the MIMIC-CXR and CheXpert Plus builders use for the R2Gen / CXPMRG-Bench split.
 """
 
 from __future__ import annotations
@@ -9,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Callable
 
 from .clean import clean_report
 from .schema import SPLITS, Skip, Study
@@ -17,11 +15,9 @@ from .schema import SPLITS, Skip, Study
 log = logging.getLogger(__name__)
 
 
-def load_iu_xray(annotation: str | Path) -> tuple[list[Study], list[Skip]]:
-    """IU X-ray in the R2Gen ``annotation.json`` layout: ``{split: [{id, report, image_path, split}]}``.
-
-    ``report`` is the Open-i FINDINGS text; IMPRESSION is not in this file, so ``impression`` is empty.
-    """
+def read_entries(annotation: str | Path) -> dict[str, list]:
+    """The file's ``{split: [entry, ...]}`` (splits ``train`` / ``val`` / ``test``), checked for being UTF-8 JSON
+    keyed by known splits; the entries themselves are checked by the caller."""
     path = Path(annotation)
     if not path.exists():
         raise FileNotFoundError(f"annotation file not found: {path} (set data.annotation)")
@@ -34,6 +30,22 @@ def load_iu_xray(annotation: str | Path) -> tuple[list[Study], list[Skip]]:
     unknown = sorted(set(raw) - set(SPLITS))
     if unknown:
         raise ValueError(f"{path}: unknown split keys {unknown}; expected {list(SPLITS)}")
+    bad = [k for k, v in raw.items() if not isinstance(v, list)]
+    if bad:
+        raise ValueError(f"{path}: split {bad[0]!r} is not a list of entries")
+    return raw
+
+
+def load_annotation(annotation: str | Path, cleaner: str = "iu", max_views: int | None = None
+                    ) -> tuple[list[Study], list[Skip]]:
+    """An R2Gen-format ``annotation.json``: ``{split: [{id, report, image_path, split, ...}]}`` (IU X-ray,
+    R2Gen's MIMIC-CXR file, CXPMRG-Bench's CheXpert Plus file), reports cleaned by ``cleaner``.
+
+    ``report`` is the file's report text (FINDINGS for IU X-ray and R2Gen's MIMIC-CXR); it is kept in
+    ``findings``, and IMPRESSION is not in these files, so ``impression`` is empty. ``subject_id`` (R2Gen's
+    MIMIC-CXR file) becomes the patient id. ``image_path`` is kept in its order, cut to ``max_views``.
+    """
+    raw = read_entries(annotation)
     studies: list[Study] = []
     skips: list[Skip] = []
     seen: set[str] = set()
@@ -55,7 +67,7 @@ def load_iu_xray(annotation: str | Path) -> tuple[list[Study], list[Skip]]:
             except UnicodeEncodeError as e:
                 skips.append(Skip(sid, "report_not_utf8", f"{e.reason} at {e.start}: {report[:40]!r}"))
                 continue
-            cleaned = clean_report(report)
+            cleaned = clean_report(report, cleaner)
             if not cleaned:
                 skips.append(Skip(sid, "empty_report", repr(report[:40])))
                 continue
@@ -66,27 +78,8 @@ def load_iu_xray(annotation: str | Path) -> tuple[list[Study], list[Skip]]:
                 skips.append(Skip(sid, "no_image_path", repr(paths)[:80]))
                 continue
             seen.add(sid)
-            studies.append(Study(sid, split, cleaned, report, "", list(paths)))
-    return studies, skips
-
-
-def limit_per_split(studies: list[Study], n: int) -> list[Study]:
-    """The first ``n`` studies of each split (a small, deterministic profile)."""
-    seen: dict[str, int] = {}
-    out = []
-    for s in studies:
-        seen[s.split] = seen.get(s.split, 0) + 1
-        if seen[s.split] <= n:
-            out.append(s)
-    return out
-
-
-ADAPTERS: dict[str, Callable[[str | Path], tuple[list[Study], list[Skip]]]] = {"iu_xray": load_iu_xray}
-
-
-def load_dataset(name: str, annotation: str | Path) -> tuple[list[Study], list[Skip]]:
-    if name not in ADAPTERS:
-        raise ValueError(f"unknown dataset {name!r}; known: {sorted(ADAPTERS)}")
-    studies, skips = ADAPTERS[name](annotation)
-    log.info("%s: %d studies, %d skipped", name, len(studies), len(skips))
+            paths = list(paths)[:max_views] if max_views else list(paths)
+            patient = entry.get("subject_id", entry.get("patient_id", ""))
+            studies.append(Study(sid, split, cleaned, report, "", paths, [""] * len(paths),
+                                 "" if patient is None else str(patient)))
     return studies, skips

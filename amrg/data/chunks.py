@@ -1,0 +1,109 @@
+"""Resumable, chunked production of the pixel store: decode (or draw) images in a process pool, chunk by chunk.
+
+The image jobs of a dataset (one per image, in the order of ``images.parquet``) are cut into chunks of
+``chunk`` jobs. Each chunk is made in a worker process, which writes ``chunk-K.npy`` (the uint8 images
+that worked, in job order) and then ``chunk-K.json`` (the jobs that failed, with their reason): the JSON
+is the chunk's completion mark, each file written atomically. A killed run leaves finished chunks in the
+work directory; the next run with the same jobs (same ``fingerprint``) makes only the rest, and the
+chunks are then concatenated in order, so the result is byte-identical to an uninterrupted run for any
+chunk size, worker count or interruption point. Memory is one chunk per worker, never the dataset.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing as mp
+import shutil
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from ..io import atomic_path, progress, write_json
+from .images import ImageError, decode_image
+from .phantoms import draw_phantom
+
+log = logging.getLogger(__name__)
+
+Error = tuple[int, str, str]  # (job index, reason, detail)
+Maker = Callable[[Sequence], tuple[np.ndarray, list[Error]]]
+FINGERPRINT = "fingerprint"
+
+
+def decode_chunk(rels: Sequence[str], root: str, size: int) -> tuple[np.ndarray, list[Error]]:
+    """Decode image files ``rels`` below ``root`` to uint8 ``size x size``; failures are returned, not raised."""
+    ok, errors = [], []
+    for i, rel in enumerate(rels):
+        try:
+            ok.append(decode_image(root, rel, size))
+        except ImageError as e:
+            errors.append((i, e.reason, e.detail))
+    return np.stack(ok) if ok else np.zeros((0, size, size), np.uint8), errors
+
+
+def phantom_chunk(jobs: Sequence[tuple], size: int) -> tuple[np.ndarray, list[Error]]:
+    """Draw phantom radiographs ``draw_phantom(labels, view, size, seed)`` for jobs ``(labels, view, seed)``."""
+    out = [draw_phantom(labels, view, size, seed) for labels, view, seed in jobs]
+    return np.stack(out) if out else np.zeros((0, size, size), np.uint8), []
+
+
+@dataclass(frozen=True)
+class Chunk:
+    index: int
+    start: int
+    jobs: Sequence
+
+    def paths(self, workdir: Path) -> tuple[Path, Path]:
+        return workdir / f"chunk-{self.index:06d}.npy", workdir / f"chunk-{self.index:06d}.json"
+
+
+def _make(make: Maker, chunk: Chunk, workdir: Path) -> int:
+    pixels, errors = make(chunk.jobs)
+    npy, done = chunk.paths(workdir)
+    with atomic_path(npy) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, np.ascontiguousarray(pixels, dtype=np.uint8))
+    write_json(done, {"start": chunk.start, "jobs": len(chunk.jobs), "errors": errors})
+    return chunk.index
+
+
+def produce(jobs: Sequence, make: Maker, workdir: Path, chunk: int, workers: int, fingerprint: str,
+            desc: str = "images") -> tuple[list[Path], list[Error]]:
+    """Make every chunk of ``jobs`` not already finished in ``workdir`` (under the same ``fingerprint``), over
+    ``workers`` processes (1: in this process). Returns the chunk files in job order and every failed
+    job (global index, reason, detail). ``make`` must be picklable (a module-level function or partial)."""
+    workdir = Path(workdir)
+    mark = workdir / FINGERPRINT
+    if workdir.exists() and (not mark.is_file() or mark.read_text() != fingerprint):
+        log.info("discarding %s: its chunks are of other inputs", workdir)
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    mark.write_text(fingerprint)
+    chunks = [Chunk(k, s, jobs[s:s + chunk]) for k, s in enumerate(range(0, len(jobs), chunk))]
+    todo = [c for c in chunks if not c.paths(workdir)[1].is_file()]
+    if len(todo) < len(chunks):
+        log.info("resuming: %d of %d chunks already made in %s", len(chunks) - len(todo), len(chunks), workdir)
+
+    def finished():
+        if workers <= 1 or len(todo) <= 1:
+            for c in todo:
+                _make(make, c, workdir)
+                yield c
+            return
+        with ProcessPoolExecutor(min(workers, len(todo)), mp_context=mp.get_context("fork")) as pool:
+            futures = {pool.submit(_make, make, c, workdir): c for c in todo}
+            for fut in as_completed(futures):
+                fut.result()
+                yield futures[fut]
+
+    for _ in progress(finished(), desc, total=sum(len(c.jobs) for c in todo), unit="images",
+                      count=lambda c: len(c.jobs)):
+        pass
+    errors: list[Error] = []
+    for c in chunks:
+        done = json.loads(c.paths(workdir)[1].read_text())
+        errors += [(c.start + i, reason, detail) for i, reason, detail in done["errors"]]
+    return [c.paths(workdir)[0] for c in chunks], errors
