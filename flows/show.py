@@ -51,16 +51,21 @@ def _describe(changes: list[Any], limit: int = 3) -> str:
     return "; ".join(what) if what else "up to date"
 
 
-def dvc_state(repo: Path, data_file: str) -> dict[str, Any]:
-    """DVC's view: ``{"stages": {stage: status line}, "data": {"path", "md5", "locked"}}``; the data
-    file's hashes are those DVC computes and records in dvc.lock for the stage(s) that depend on it."""
+def dvc_state(repo: Path, data_files: str | list[str]) -> dict[str, Any]:
+    """DVC's view: ``{"stages": {stage: status line}, "data": {"path", "md5", "locked"}}``; the data's
+    hashes are those DVC computes and records in dvc.lock for the stage(s) that depend on it: the first
+    of ``data_files`` some stage depends on (the index stage's manifest, else the annotation file)."""
     from dvc.exceptions import DvcException
     from dvc.lock import LockError
 
     with dvc_repo(repo) as r:
         order, _ = pipeline_stages(r)
-        target = os.path.normpath(os.path.join(r.root_dir, data_file))
-        deps = [d for s in order for d in s.deps if os.path.normpath(d.fs_path) == target]
+        candidates = [data_files] if isinstance(data_files, str) else list(data_files)
+        for data_file in candidates:
+            target = os.path.normpath(os.path.join(r.root_dir, data_file))
+            deps = [d for s in order for d in s.deps if os.path.normpath(d.fs_path) == target]
+            if deps:
+                break
         data: dict[str, Any] = {"path": data_file, "md5": None, "locked": None}
         if deps:
             d = deps[0]
@@ -96,7 +101,8 @@ def collect(repo: Path, run: Path, params_file: Path) -> dict[str, Any]:
         "images": "phantom" if params.data.images == "phantom" else params.data.image_root,
     }
     try:
-        state = dvc_state(repo, params.data.annotation)
+        manifest = Layout().manifest.parent.as_posix()  # preprocess's data dep (the index stage's out)
+        state = dvc_state(repo, [manifest] + ([params.data.annotation] if params.data.annotation else []))
         out["stages"], out["data"] = state["stages"], state["data"]
     except DvcPipelineError as e:
         out["stages"], out["data"] = None, {"path": params.data.annotation, "md5": None, "locked": None}

@@ -3,6 +3,7 @@ the cluster tests, the DVC-contract tests and the cluster benches build their wo
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -46,3 +47,15 @@ def make_workspace(dst: Path, *overlays: dict, tiny: bool = True, keep_lock: boo
         (dst / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     subprocess.run(["git", "init", "-q"], cwd=dst, check=True)
     return dst
+
+
+def run(args: list[str], cwd: Path, env: dict) -> str:
+    """Run a command to success (its output tails in the failure message); return stdout + stderr."""
+    p = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, f"{' '.join(args)} failed:\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}"
+    return p.stdout + p.stderr
+
+
+def stages_ran(output: str) -> list[str]:
+    """The stages a `dvc repro` output says it ran, in order."""
+    return re.findall(r"Running stage '([^']+)'", output)

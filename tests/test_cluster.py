@@ -44,7 +44,7 @@ STAGES = ["preprocess", "train_classifier", "mine_cam", "encode_visual_bank", "e
 ALL_STAGES = [*STAGES, "score"]  # dvc.yaml's stages (score only reads evaluate's predictions)
 # (stage, fault): where each stage is stopped before its process group gets SIGKILL
 FAULTS = [
-    ("preprocess", "write|2"),                            # studies.parquet renamed, images.parquet only a temp
+    ("preprocess", "write|2"),                            # images.parquet renamed, pixels.npy only a temp
     ("train_classifier", "checkpoint|1"),                 # mid-epoch 1 of 1, right after a checkpoint
     ("mine_cam", "call|amrg.cam:CamMiner.__call__|2"),    # CAM of batch 2 of 3: mid-way through mining
     ("encode_visual_bank", "write|1"),                    # bank computed, bank.safetensors only a temp
@@ -174,7 +174,7 @@ def test_kill9_during_every_stage_rerun_completes(worker1):
     assert [e["stage"] for e in events] == STAGES
     assert all(e["rc"] == -signal.SIGKILL for e in events)
     # the kills really happened where intended
-    assert "images.parquet" in events[0]["paused"] and "before rename" in events[0]["paused"]
+    assert "pixels.npy" in events[0]["paused"] and "before rename" in events[0]["paused"]
     assert "checkpoints/train_classifier/state.pt" in events[1]["paused"]
     assert "CamMiner.__call__" in events[2]["paused"]
     assert "banks/visual/bank.safetensors" in events[3]["paused"]
@@ -185,19 +185,20 @@ def test_kill9_during_every_stage_rerun_completes(worker1):
     assert all(events[i]["temps"] >= 1 for i in (0, 3, 4, 6))
     # every rerun first finishes the stage killed last time, then goes on (earlier stages are not rerun)
     for i, stage in enumerate(STAGES):
-        ran = _ran(outputs[i])
+        ran = [s for s in _ran(outputs[i]) if s != "index"]  # the data manifest is listed on every repro
         assert ran[-1] == stage, (stage, ran)
         if i:
             assert ran[0] == STAGES[i - 1], (stage, ran)
     # training stages resumed from their checkpoint instead of starting over
     assert "resuming from checkpoints/train_classifier/state.pt" in outputs[2]
     assert re.search(r"resuming from checkpoints/train_generator/state.pt at epoch 0 batch 2", outputs[6])
-    assert _ran(outputs[-1]) == ["evaluate", "score"]
+    assert _ran(outputs[-1]) == ["index", "evaluate", "score"]
     # the finished workspace: every declared output whole, no stray temp files, nothing left to run
     complete, temps = _check_outputs(ws)
     assert complete > 20 and temps == 0
     assert not any((ws / "checkpoints").rglob("state.pt"))
-    assert "Data and pipelines are up to date" in _run(DVC + ["status"], ws, _env(ws.parent))
+    status = _run(DVC + ["status"], ws, _env(ws.parent))
+    assert status.split() == ["index:", "always", "changed"], status  # DVC's mark of the manifest stage only
     metrics = json.loads((ws / "artifacts/eval/metrics.json").read_text())
     assert metrics["n_test"] == 12 and metrics["phantom_images"] is True
 
@@ -233,7 +234,7 @@ def test_second_clone_restores_from_run_cache(cluster, worker1, worker2):
     tmp, _ = cluster
     assert (tmp / "amrg-dvc-remote" / "runs").is_dir()  # the shared sibling remote got the run-cache
     out, ws = worker2["out"], worker2["ws"]
-    assert _ran(out) == []
+    assert _ran(out) == ["index"]  # only the manifest of the inputs is listed again (always changed)
     restored = re.findall(r"Stage '([^']+)' is cached - skipping run, checking out outputs", out)
     assert restored == ALL_STAGES, out
     assert "stages.preprocess: stage preprocess" not in out  # no stage process started

@@ -4,29 +4,17 @@ manifest's promises: touching nothing reruns nothing, changing one image reruns 
 
 import json
 import os
-import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import yaml
 
 from ._fixtures_mimic import make_mimic_tree
-from ._workspace import make_workspace
+from ._workspace import make_workspace, run, stages_ran
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
-
-def _run(args, cwd, env):
-    p = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    assert p.returncode == 0, f"{' '.join(args)} failed:\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}"
-    return p.stdout + p.stderr
-
-
-def _ran(output: str) -> list[str]:
-    return re.findall(r"Running stage '([^']+)'", output)
 
 
 def test_dvc_repro_on_a_mimic_cxr_tree(tmp_path):
@@ -38,8 +26,8 @@ def test_dvc_repro_on_a_mimic_cxr_tree(tmp_path):
     ws = make_workspace(tmp_path / "ws", overlay)
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", CUDA_VISIBLE_DEVICES="")
     dvc = [sys.executable, "-m", "dvc"]
-    first = _run(dvc + ["repro", "evaluate"], ws, env)
-    assert _ran(first)[:2] == ["index", "preprocess"] and "evaluate" in _ran(first)
+    first = run(dvc + ["repro", "evaluate"], ws, env)
+    assert stages_ran(first)[:2] == ["index", "preprocess"] and "evaluate" in stages_ran(first)
 
     stats = json.loads((ws / "artifacts/preprocess/stats.json").read_text())
     assert stats["phantom_images"] is False and stats["dataset"] == "mimic_cxr"
@@ -60,10 +48,10 @@ def test_dvc_repro_on_a_mimic_cxr_tree(tmp_path):
     assert metrics["phantom_images"] is False and metrics["n_test"] == 5
 
     # touching nothing reruns nothing (the index stage runs, its manifest comes out the same)
-    assert _ran(_run(dvc + ["repro", "evaluate"], ws, env)) == ["index"]
+    assert stages_ran(run(dvc + ["repro", "evaluate"], ws, env)) == ["index"]
     # one image rewritten: the manifest changes, preprocess is due again
     jpg = next(Path(tree["root"], "files").rglob("*.jpg"))
     jpg.write_bytes(jpg.read_bytes() + b"\0")
-    _run(dvc + ["repro", "index"], ws, env)
-    status = _run(dvc + ["status", "preprocess"], ws, env)
+    run(dvc + ["repro", "index"], ws, env)
+    status = run(dvc + ["status", "preprocess"], ws, env)
     assert "artifacts/index" in status and "modified" in status

@@ -3,6 +3,9 @@ columns, and every counted skip and clear error, against hand-written expectatio
 
 from __future__ import annotations
 
+import csv
+import io
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -54,7 +57,7 @@ def test_docstring_example_csv(tmp_path):
 
 
 def test_parquet_with_list_columns(tmp_path):
-    rows = [dict(zip(HEADER.split(","), next(iter(__import__("csv").reader([ln]))))) for ln in _example().splitlines()[1:]]
+    rows = list(csv.DictReader(io.StringIO(_example())))
     for r in rows:
         r["images"] = r["images"].split(";")  # a list column
     f = tmp_path / "mine.parquet"
@@ -100,7 +103,7 @@ def test_counted_skips(tmp_path):
     assert [s.id for s in studies] == ["ok", "last"]
     assert [(k.id, k.reason) for k in skips] == [
         ("ok", "duplicate_id"), ("empty", "empty_report"), ("noimg", "no_image_path"), ("where", "unknown_split"),
-        ("bytes", "report_not_utf8"), ("b\udcffid", "row_not_utf8"), ("out", "path_outside_images_dir"),
+        ("bytes", "report_not_utf8"), ("b\ufffdid", "row_not_utf8"), ("out", "path_outside_images_dir"),
         ("abs", "path_outside_images_dir"), ("drive", "path_outside_images_dir"), ("views", "views_mismatch"),
         ("line 13", "missing_id"), ("line 14", "malformed_row")]
     assert skips[0].detail.startswith("line 3")

@@ -6,10 +6,11 @@ Input
 the report and its sections repeated on every image row of a study. Columns read (by header name; order,
 extra columns and a leading unnamed index column do not matter): ``path_to_image``
 (``train/patient42142/study5/view1_frontal.jpg``), ``frontal_lateral`` (``Frontal`` / ``Lateral``),
-``ap_pa`` (``AP`` / ``PA`` / ``LL`` / ``RL``, empty on lateral rows), ``deid_patient_id``
+``ap_pa`` (``AP`` / ``PA``, 17 frontal rows ``LL`` / ``RL``, empty on lateral rows), ``deid_patient_id``
 (``patient42142``), ``section_findings``, ``section_impression`` and, without ``data.annotation``,
-``split`` (``train`` / ``valid``: the release has no test split). These names and values were confirmed
-from public code that reads the release (the Stanford-AIMI/chexpert-plus repository itself shows none).
+``split`` (``train`` 223,228 / ``valid`` 234 rows: the release has no test split). These names, values
+and counts come from public third-party code and notes that read the release (they agree with each
+other); the Stanford-AIMI/chexpert-plus repository itself publishes no schema, and we had no copy.
 
 Images are at ``path_to_image`` below ``data.image_root``. The JPG release stores that path; the PNG
 release stores the same relative path with ``.png``. With ``data.images == "files"`` each image's path
@@ -42,9 +43,10 @@ skipped (the official split is patient-disjoint; a re-split need not be).
 
 Labels
 ------
-CheXpert Plus ships CheXbert labels beside the CSV in ``chexbert_labels/``: ``findings_fixed.json``,
-``impression_fixed.json`` and ``report_fixed.json``, JSON Lines keyed by ``path_to_image``, the 14
-CheXpert observations as 1.0 / 0.0 / -1.0 / null. The file of the target (``findings``,
+CheXpert Plus ships CheXbert labels (``chexbert_labels.zip``, unpacked beside the CSV as
+``chexbert_labels/``): ``findings_fixed.json``, ``impression_fixed.json`` and ``report_fixed.json``, JSON
+Lines keyed by ``path_to_image``, the 14 CheXpert observations by name as 1.0 / 0.0 / -1.0 / null (the
+same third-party sources; a JSON array is read too). The file of the target (``findings``,
 ``impression``, ``report`` for ``findings_impression``) fills :attr:`Study.labels` (CHEXPERT_14 order,
 null -> NaN) from the study's first view that has a record; labels stay None when the file is absent.
 
@@ -76,7 +78,7 @@ from ..labels.schema import CHEXPERT_14
 from .annotation import read_entries
 from .clean import clean_report
 from .schema import SPLITS, Skip, Study
-from .table import join_sections, normalize_split, not_utf8, open_csv, outside_root, require_columns
+from .table import as_text, join_sections, normalize_split, not_utf8, open_csv, outside_root, require_columns
 
 if TYPE_CHECKING:
     from ..config import Data
@@ -118,11 +120,6 @@ def _view(frontal_lateral: str, ap_pa: str) -> tuple[int, str]:
     return (3 if kind == LATERAL else 4), pos or ("LATERAL" if kind == LATERAL else "")
 
 
-def _text(cell: str) -> str:
-    """A raw cell as valid text: bytes that were not UTF-8 become U+FFFD."""
-    return cell.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-
-
 def read_rows(csv_path: Path, need_split: bool) -> tuple[dict[tuple[str, str], _Rows], list[Skip]]:
     """The CSV's studies keyed by ``(deid_patient_id, id)`` in first-appearance order, and the row skips."""
     groups: dict[tuple[str, str], _Rows] = {}
@@ -140,7 +137,7 @@ def read_rows(csv_path: Path, need_split: bool) -> tuple[dict[tuple[str, str], _
             path, fl, ap_pa, patient = (fields[col[c]].strip() for c in ROW_COLUMNS)
             split = fields[col[SPLIT_COLUMN]].strip() if need_split else ""
             if not_utf8(path, patient, fl, ap_pa, split):
-                skips.append(Skip(f"line {line}", "row_not_utf8", _text(path)))
+                skips.append(Skip(f"line {line}", "row_not_utf8", as_text(path)))
                 continue
             if outside_root(path):
                 skips.append(Skip(f"line {line}", "path_outside_images_dir", path))
@@ -267,7 +264,7 @@ def build(data: "Data") -> tuple[list[Study], list[Skip]]:
             continue
         texts = [g.findings if c == FINDINGS else g.impression for c in columns]
         if not_utf8(*texts):
-            skips.append(Skip(sid, "report_not_utf8", repr(_text(" ".join(texts))[:40])))
+            skips.append(Skip(sid, "report_not_utf8", repr(as_text(" ".join(texts))[:40])))
             continue
         if not any(texts):
             skips.append(Skip(sid, f"no_{data.sections}_section", f"{' and '.join(columns)} empty"))
@@ -280,7 +277,7 @@ def build(data: "Data") -> tuple[list[Study], list[Skip]]:
         views = sorted(g.images)
         kept = views[:data.max_views]
         paths = [locate(image_root, p) if image_root else p for _, _, p, _ in kept]
-        studies.append(Study(sid, split, report, _text(g.findings).strip(), _text(g.impression).strip(), paths,
+        studies.append(Study(sid, split, report, as_text(g.findings).strip(), as_text(g.impression).strip(), paths,
                              [v for *_, v in kept], patient))
         first_paths.append([p for _, _, p, _ in views])
     if absent:

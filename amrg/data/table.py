@@ -12,10 +12,11 @@ Columns (a header row names them; order and extra columns do not matter):
 
 - ``id`` (required, unique), ``split`` (required: ``train`` / ``val`` / ``test``; ``valid``, ``validate``,
   ``validation`` mean ``val``; case and surrounding spaces are ignored);
-- the report: ``report`` if the table has it (used as is, whatever ``data.sections`` says; kept as the
-  study's raw ``findings``), else ``findings`` / ``impression`` as ``data.sections`` asks
+- the report: ``report`` if the table has it (used as is, whatever ``data.sections`` says; kept raw in
+  ``Study.findings``), else ``findings`` / ``impression`` as ``data.sections`` asks
   (``findings_impression``: both columns, findings first, joined by :func:`join_sections`; an empty cell
-  contributes nothing); cleaned with R2Gen's ``data.report_cleaner`` (``auto``: ``mimic``);
+  contributes nothing; both kept raw in ``Study.findings`` / ``.impression``); cleaned with R2Gen's
+  ``data.report_cleaner`` (``auto``: ``mimic``);
 - ``images`` (required): image paths relative to ``data.image_root``, ``;``-separated in a CSV, a list
   (or a ``;``-separated string) in parquet; kept in the table's order, cut to ``data.max_views``;
 - ``patient_id`` (optional, ``""`` when absent), ``views`` (optional, ``;``-separated view positions, one
@@ -30,8 +31,8 @@ after cleaning), ``no_image_path``, ``path_outside_images_dir`` (an absolute pat
 the whole row), ``views_mismatch`` (a ``views`` cell whose count differs from the images'). A listed
 image that is missing on disk is counted by preprocess (``missing_image``), not here. Labels: None.
 
-The CSV helpers here (:func:`open_csv`, :func:`normalize_split`, :func:`outside_root`, :func:`not_utf8`)
-also serve :mod:`amrg.data.chexpert_plus`.
+The helpers here (:func:`open_csv`, :func:`require_columns`, :func:`normalize_split`, :func:`outside_root`,
+:func:`not_utf8`, :func:`as_text`, :func:`join_sections`) also serve :mod:`amrg.data.chexpert_plus`.
 """
 
 from __future__ import annotations
@@ -122,12 +123,17 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
+def as_text(cell: str) -> str:
+    """A cell as valid text: bytes that were not UTF-8 become U+FFFD."""
+    return cell.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def _list_cell(value: Any) -> list[str]:
     if isinstance(value, (list, tuple)):
         items = [_cell(v) for v in value]
     else:
         items = _cell(value).split(LIST_SEP)
-    return [s.strip() for s in items if s is not None and s.strip()]
+    return [s.strip() for s in items if s.strip()]
 
 
 def _read(path: Path) -> tuple[list[str], list[tuple[str, dict[str, Any] | None, int]]]:
@@ -160,6 +166,7 @@ def build(data: "Data") -> tuple[list[Study], list[Skip]]:
     require_columns(path, header, ("id", "split", "images"))
     text_columns = ("report",) if "report" in header else SECTION_COLUMNS[data.sections]
     require_columns(path, header, text_columns, f" (data.sections={data.sections} needs it, or give 'report')")
+    raw_findings = "report" if "report" in header else "findings"  # kept in Study.findings
     studies: list[Study] = []
     skips: list[Skip] = []
     seen: set[str] = set()
@@ -176,11 +183,11 @@ def build(data: "Data") -> tuple[list[Study], list[Skip]]:
         if not sid:
             skips.append(Skip(label, "missing_id", "empty id cell"))
             continue
+        if not_utf8(sid, split_raw, patient, *images, *views):
+            skips.append(Skip(as_text(sid), "row_not_utf8", label))
+            continue
         if not_utf8(*texts):
             skips.append(Skip(sid, "report_not_utf8", label))
-            continue
-        if not_utf8(sid, split_raw, patient, *images, *views):
-            skips.append(Skip(sid, "row_not_utf8", label))
             continue
         if sid in seen:
             skips.append(Skip(sid, "duplicate_id", f"{label}: second occurrence"))
@@ -205,8 +212,7 @@ def build(data: "Data") -> tuple[list[Study], list[Skip]]:
             continue
         seen.add(sid)
         keep = images[:data.max_views]
-        findings = texts[0] if text_columns[0] in ("report", "findings") else ""
-        impression = texts[-1] if text_columns[-1] == "impression" else ""
+        findings, impression = (as_text(_cell(row.get(c)).strip()) for c in (raw_findings, "impression"))
         studies.append(Study(sid, split, cleaned, findings, impression, keep,
                              views[:len(keep)] if views else [""] * len(keep), patient))
     log.info("table %s: %d studies, %d skipped", path, len(studies), len(skips))
