@@ -39,6 +39,11 @@ class ImageBatches(torch.utils.data.Dataset):
         return self.__getitems__([i])
 
 
+# loader workers start from a fresh server process, not as forks of the training process (whose pages
+# they would copy as they touch them: memory growing with the dataset); the dataset reaches them pickled
+START_METHOD = "forkserver"
+
+
 def as_batch(batch):
     """The DataLoader's collate function: the dataset already returns whole batches."""
     return batch
@@ -61,7 +66,7 @@ class ClassifierTask:
         return torch.utils.data.DataLoader(
             ImageBatches(self.pixels, self.targets, self.train), batch_sampler=[s.tolist() for s in shards],
             collate_fn=as_batch, num_workers=workers, pin_memory=self.device.type == "cuda",
-            prefetch_factor=2 if workers else None, multiprocessing_context="fork" if workers else None,
+            prefetch_factor=2 if workers else None, multiprocessing_context=START_METHOD if workers else None,
             generator=torch.Generator().manual_seed(0))  # its worker seed must not draw from the global RNG,
         # which a resumed run restores from the checkpoint (the loader holds no randomness of its own)
 
@@ -83,15 +88,28 @@ class ClassifierTask:
         return {"val_loss": float(bce), "val_auroc": m["mean_auroc"] or 0.0, **per_label}
 
 
+TOKENIZE_BLOCK = 4096  # reports tokenized at a time: Python token lists exist for one block only
+
+
 def tokenize_reports(tokenizer, reports: list[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Report token ids + EOS, right-padded: ``(N, L)`` ids and attention mask."""
-    ids = tokenizer(reports, add_special_tokens=False, truncation=True, max_length=max_tokens - 1)["input_ids"]
-    ids = [x + [tokenizer.eos_token_id] for x in ids]
-    width = max(len(x) for x in ids)
-    out = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
-    for i, x in enumerate(ids):
-        out[i, : len(x)], mask[i, : len(x)] = torch.tensor(x), 1
+    """Report token ids + EOS, right-padded: ``(N, L)`` ids and attention mask (``L``: the longest)."""
+    blocks, width = [], 1
+    for s in range(0, len(reports), TOKENIZE_BLOCK):
+        ids = tokenizer(reports[s:s + TOKENIZE_BLOCK], add_special_tokens=False, truncation=True,
+                        max_length=max_tokens - 1)["input_ids"]
+        lengths = torch.tensor([len(x) + 1 for x in ids])
+        block = torch.full((len(ids), int(lengths.max())), tokenizer.pad_token_id, dtype=torch.long)
+        for i, x in enumerate(ids):
+            block[i, : len(x) + 1] = torch.tensor(x + [tokenizer.eos_token_id])
+        blocks.append((block, lengths))
+        width = max(width, block.shape[1])
+    out = torch.full((len(reports), width), tokenizer.pad_token_id, dtype=torch.long)
+    row = 0
+    for block, _ in blocks:
+        out[row:row + len(block), : block.shape[1]] = block
+        row += len(block)
+    lengths = torch.cat([n for _, n in blocks]) if blocks else torch.zeros(0, dtype=torch.long)
+    mask = (torch.arange(width) < lengths[:, None]).long()
     return out, mask
 
 

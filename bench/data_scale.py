@@ -46,26 +46,30 @@ MEASURED = ("preprocess", "train_classifier", "train_generator")
 SAMPLE_S = 0.02
 
 
-def tree_rss(proc: psutil.Process) -> int:
-    """Resident bytes of ``proc`` and all its descendants (0 for those that just ended)."""
-    total = 0
+def tree_memory(proc: psutil.Process) -> tuple[int, int]:
+    """(RSS, PSS) bytes summed over ``proc`` and all its descendants. PSS (proportional set size) counts
+    a page shared by k processes 1/k in each, so its sum is the tree's memory; the RSS sum counts shared
+    pages (libraries, copy-on-write pages of a fork) once per process."""
+    rss = pss = 0
     for p in [proc, *proc.children(recursive=True)]:
         try:
-            total += p.memory_info().rss
+            info = p.memory_full_info()
+            rss, pss = rss + info.rss, pss + info.pss
         except psutil.Error:
             pass
-    return total
+    return rss, pss
 
 
-def run_measured(cmd: list[str], cwd: Path, env: dict) -> tuple[float, int]:
-    """Run ``cmd``; return (seconds, peak RSS of its process tree in bytes)."""
+def run_measured(cmd: list[str], cwd: Path, env: dict) -> tuple[float, int, int]:
+    """Run ``cmd``; return (seconds, peak RSS sum, peak PSS sum of its process tree, in bytes)."""
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    proc, peak, done = psutil.Process(p.pid), [0], threading.Event()
+    proc, peak, done = psutil.Process(p.pid), [0, 0], threading.Event()
 
     def sample():
         while not done.is_set():
-            peak[0] = max(peak[0], tree_rss(proc))
+            rss, pss = tree_memory(proc)
+            peak[0], peak[1] = max(peak[0], rss), max(peak[1], pss)
             time.sleep(SAMPLE_S)
 
     t = threading.Thread(target=sample, daemon=True)
@@ -75,7 +79,7 @@ def run_measured(cmd: list[str], cwd: Path, env: dict) -> tuple[float, int]:
     t.join()
     if p.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{out[-3000:]}")
-    return time.perf_counter() - t0, peak[0]
+    return time.perf_counter() - t0, peak[0], peak[1]
 
 
 def _decode_chunk(args) -> int:
@@ -123,12 +127,13 @@ def measure(n: int, image_size: int, workdir: Path, workers: int) -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES="")
     out = {"studies": n, "images": tree["n_images"], "tree_seconds": round(build_s, 1), "stages": {}}
     for stage in STAGES:
-        seconds, peak = run_measured([sys.executable, "-m", f"stages.{stage}", "--params", "params.yaml"], d, env)
-        out["stages"][stage] = {"seconds": round(seconds, 1), "peak_rss_mb": round(peak / 2**20, 1)}
+        seconds, rss, pss = run_measured([sys.executable, "-m", f"stages.{stage}", "--params", "params.yaml"], d, env)
+        out["stages"][stage] = {"seconds": round(seconds, 1), "peak_rss_mb": round(rss / 2**20, 1),
+                                "peak_pss_mb": round(pss / 2**20, 1)}
     pixels = d / "artifacts/preprocess/pixels.npy"
     out["pixel_bytes"] = pixels.stat().st_size
-    _, peak = run_measured([sys.executable, "-c", HOLD_ALL, str(pixels)], d, env)
-    out["hold_all_pixels_peak_rss_mb"] = round(peak / 2**20, 1)
+    _, rss, pss = run_measured([sys.executable, "-c", HOLD_ALL, str(pixels)], d, env)
+    out["hold_all_pixels_peak_rss_mb"], out["hold_all_pixels_peak_pss_mb"] = round(rss / 2**20, 1), round(pss / 2**20, 1)
     timing = json.loads((d / "artifacts/preprocess/timing.json").read_text())
     out["preprocess_images_per_s"] = timing["images_per_s"]  # the whole stage: builder, labeler, decode, write
     out["preprocess_decode_images_per_s"] = timing["decode_images_per_s"]  # the pool's decode + the store's write
@@ -164,13 +169,15 @@ def main() -> None:
     if len(runs) >= 2:
         a, b = runs[0], runs[-1]
         added = (b["pixel_bytes"] - a["pixel_bytes"]) / 2**20
-        growth = {s: round(b["stages"][s]["peak_rss_mb"] - a["stages"][s]["peak_rss_mb"], 1) for s in MEASURED}
-        result["growth"] = {
-            "studies": [a["studies"], b["studies"]], "pixel_mb_added": round(added, 1),
-            "peak_rss_growth_mb": growth,
-            "growth_over_pixels_added": {s: round(g / added, 3) for s, g in growth.items()},
-            "anchor_hold_all_growth_over_pixels_added": round(
-                (b["hold_all_pixels_peak_rss_mb"] - a["hold_all_pixels_peak_rss_mb"]) / added, 3)}
+        studies_added = b["studies"] - a["studies"]
+        result["growth"] = {"studies": [a["studies"], b["studies"]], "pixel_mb_added": round(added, 1)}
+        for kind in ("rss", "pss"):
+            growth = {s: round(b["stages"][s][f"peak_{kind}_mb"] - a["stages"][s][f"peak_{kind}_mb"], 1) for s in MEASURED}
+            anchor = b[f"hold_all_pixels_peak_{kind}_mb"] - a[f"hold_all_pixels_peak_{kind}_mb"]
+            result["growth"][kind] = {
+                "peak_growth_mb": growth, "over_pixels_added": {s: round(g / added, 3) for s, g in growth.items()},
+                "kb_per_study_added": {s: round(g * 1024 / studies_added, 2) for s, g in growth.items()},
+                "anchor_hold_all_over_pixels_added": round(anchor / added, 3)}
     text = json.dumps(result, indent=2)
     (workdir / "data_scale.json").write_text(text + "\n")
     print(text)

@@ -35,6 +35,28 @@ def test_params_errors_name_every_bad_key():
         assert key in msg
 
 
+@pytest.mark.parametrize("data, message", [
+    ({"dataset": "mimic_cxr", "annotation": None}, "data.root is required with data.dataset=mimic_cxr"),
+    ({"dataset": "mimic_cxr", "root": "r"}, "data.reports is required with data.dataset=mimic_cxr"),
+    ({"dataset": "table"}, "data.table is required with data.dataset=table"),
+    ({"images": "files"}, "data.images=files needs data.images_dir"),
+    ({"dataset": "chexpert"}, "data.dataset: 'chexpert' is not one of"),
+    ({"chunk_images": 0}, "data.chunk_images must be > 0"),
+    ({"sections": "both"}, "data.sections: 'both' is not one of"),
+])
+def test_data_params_say_what_a_dataset_needs(data, message):
+    with pytest.raises(ParamsError, match=message):
+        parse_params({"data": data})
+
+
+def test_data_paths_and_cleaner_follow_the_dataset():
+    d = parse_params({"data": {"dataset": "mimic_cxr", "root": "/m", "reports": "/r.zip", "images": "files"}}).data
+    assert d.image_root == "/m" and d.report_cleaner == "mimic"
+    d = parse_params({"data": {"images": "files", "images_dir": "/iu", "root": "/x"}}).data
+    assert d.image_root == "/iu" and d.report_cleaner == "iu"
+    assert parse_params({}).data.image_root is None  # phantom images read no files
+
+
 def test_params_int_accepted_for_float_and_bool_not_int():
     raw = {"hopfield": {"beta": 8}, "cam": {"batch_size": True}}
     with pytest.raises(ParamsError, match="cam.batch_size: expected int"):

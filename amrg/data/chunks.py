@@ -6,7 +6,8 @@ that worked, in job order) and then ``chunk-K.json`` (the jobs that failed, with
 is the chunk's completion mark, each file written atomically. A killed run leaves finished chunks in the
 work directory; the next run with the same jobs (same ``fingerprint``) makes only the rest, and the
 chunks are then concatenated in order, so the result is byte-identical to an uninterrupted run for any
-chunk size, worker count or interruption point. Memory is one chunk per worker, never the dataset.
+chunk size, worker count or interruption point. Memory is one chunk per worker, never the dataset
+(:data:`START_METHOD`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ log = logging.getLogger(__name__)
 Error = tuple[int, str, str]  # (job index, reason, detail)
 Maker = Callable[[Sequence], tuple[np.ndarray, list[Error]]]
 FINGERPRINT = "fingerprint"
+# Workers fork from a fresh server process, not from this one: a forked copy of a process holding the
+# studies of a 377k-image dataset would copy their pages as it touches them (reference counts, gc), and
+# its memory would grow with the dataset. The jobs of a chunk reach the worker pickled, nothing else.
+START_METHOD = "forkserver"
 
 
 def decode_chunk(rels: Sequence[str], root: str, size: int) -> tuple[np.ndarray, list[Error]]:
@@ -93,7 +98,7 @@ def produce(jobs: Sequence, make: Maker, workdir: Path, chunk: int, workers: int
                 _make(make, c, workdir)
                 yield c
             return
-        with ProcessPoolExecutor(min(workers, len(todo)), mp_context=mp.get_context("fork")) as pool:
+        with ProcessPoolExecutor(min(workers, len(todo)), mp_context=mp.get_context(START_METHOD)) as pool:
             futures = {pool.submit(_make, make, c, workdir): c for c in todo}
             for fut in as_completed(futures):
                 fut.result()
