@@ -63,6 +63,10 @@ class ClassifierTask:
 
     def loader(self, shards: list[torch.Tensor]) -> torch.utils.data.DataLoader:
         workers = self.loader_workers
+        if workers:
+            import multiprocessing as mp
+
+            mp.get_context(START_METHOD).set_forkserver_preload([__name__])  # torch once, in the server
         return torch.utils.data.DataLoader(
             ImageBatches(self.pixels, self.targets, self.train), batch_sampler=[s.tolist() for s in shards],
             collate_fn=as_batch, num_workers=workers, pin_memory=self.device.type == "cuda",

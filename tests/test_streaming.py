@@ -176,3 +176,54 @@ def test_preprocess_killed_mid_way_resumes_to_byte_identical_outputs(tmp_path):
         a, b = (d / "artifacts/preprocess" / name for d in (ref, run))
         assert a.read_bytes() == b.read_bytes(), name
     assert not work.exists()  # the chunks are gone once the store is assembled
+
+
+class _WordLengths:
+    """A tokenizer stand-in: each word's id is its length."""
+    pad_token_id, eos_token_id = 0, 99
+
+    def __call__(self, texts, add_special_tokens, truncation, max_length):
+        return {"input_ids": [[len(w) for w in t.split()][:max_length] for t in texts]}
+
+
+def test_reports_tokenized_in_blocks_equal_one_block(monkeypatch):
+    import amrg.tasks as tasks
+
+    reports = ["a bb ccc", "dddd", "e f g h i j k", "ll mm"]
+    whole = tasks.tokenize_reports(_WordLengths(), reports, 5)
+    assert whole[0].tolist() == [[1, 2, 3, 99, 0], [4, 99, 0, 0, 0], [1, 1, 1, 1, 99], [2, 2, 99, 0, 0]]  # by hand
+    assert whole[1].tolist() == [[1, 1, 1, 1, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
+    monkeypatch.setattr(tasks, "TOKENIZE_BLOCK", 2)  # the block of the longest report comes second
+    blocks = tasks.tokenize_reports(_WordLengths(), reports, 5)
+    assert all(torch.equal(a, b) for a, b in zip(whole, blocks))
+
+
+@pytest.mark.timeout(300)
+def test_classifier_trained_through_loader_workers_equals_the_main_process(tmp_path):
+    """The same weights whether 2 DataLoader workers (forkserver) read the row file ahead or the step
+    reads it itself: the loader changes where bytes are read, not what is trained on."""
+    from amrg.models.classifier import ClassifierSpec, DiseaseClassifier
+    from amrg.tasks import ClassifierTask
+    from amrg.train import LoopConfig, Selection, fit
+
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (24, 64, 64), dtype=torch.uint8, generator=g)
+    np.save(tmp_path / "pixels.npy", pixels.numpy())
+    store = TensorRows(tmp_path / "pixels.npy")
+    targets = (torch.rand(24, 14, generator=g) > 0.7).float()
+    train, val = np.arange(16), np.arange(16, 24)
+    spec = ClassifierSpec("swin_tiny_patch4_window7_224", dict(patch_size=16, embed_dim=16, depths=[1], num_heads=[1]),
+                          64, 16, 1, 2)
+    torch.manual_seed(1)
+    initial = DiseaseClassifier(spec).state_dict()
+    weights = []
+    for workers in (0, 2):
+        torch.manual_seed(1)
+        model = DiseaseClassifier(spec)
+        task = ClassifierTask(model, store, targets, train, val, 0.1, None, 8, torch.device("cpu"), "fp32", workers)
+        fit(model, len(train), task.batch_loss, task.validate, LoopConfig(2, 4, 1e-3, seed=3),
+            tmp_path / f"ckpt{workers}.pt", "fp", Selection.of("val_auroc"), loader=task.loader)
+        weights.append({k: v.clone() for k, v in model.state_dict().items()})
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert any(not torch.equal(weights[0][k], initial[k]) for k in weights[0])  # it trained

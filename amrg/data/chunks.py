@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..io import atomic_path, progress, write_json
+from ..atomic import atomic_path, write_json
 from .images import ImageError, decode_image
 from .phantoms import draw_phantom
 
@@ -36,6 +36,7 @@ FINGERPRINT = "fingerprint"
 # studies of a 377k-image dataset would copy their pages as it touches them (reference counts, gc), and
 # its memory would grow with the dataset. The jobs of a chunk reach the worker pickled, nothing else.
 START_METHOD = "forkserver"
+WORKER_MODULES = [__name__]  # what the server imports once (NumPy and PIL; no torch): forks start at once
 
 
 def decode_chunk(rels: Sequence[str], root: str, size: int) -> tuple[np.ndarray, list[Error]]:
@@ -80,6 +81,8 @@ def produce(jobs: Sequence, make: Maker, workdir: Path, chunk: int, workers: int
     """Make every chunk of ``jobs`` not already finished in ``workdir`` (under the same ``fingerprint``), over
     ``workers`` processes (1: in this process). Returns the chunk files in job order and every failed
     job (global index, reason, detail). ``make`` must be picklable (a module-level function or partial)."""
+    from ..io import progress
+
     workdir = Path(workdir)
     mark = workdir / FINGERPRINT
     if workdir.exists() and (not mark.is_file() or mark.read_text() != fingerprint):
@@ -98,7 +101,9 @@ def produce(jobs: Sequence, make: Maker, workdir: Path, chunk: int, workers: int
                 _make(make, c, workdir)
                 yield c
             return
-        with ProcessPoolExecutor(min(workers, len(todo)), mp_context=mp.get_context(START_METHOD)) as pool:
+        ctx = mp.get_context(START_METHOD)
+        ctx.set_forkserver_preload(WORKER_MODULES)
+        with ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx) as pool:
             futures = {pool.submit(_make, make, c, workdir): c for c in todo}
             for fut in as_completed(futures):
                 fut.result()
