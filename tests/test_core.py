@@ -11,7 +11,8 @@ from PIL import Image
 from amrg.config import ParamsError, load_params, parse_params
 from amrg.data.annotation import load_annotation as load_iu_xray
 from amrg.data.clean import clean_report, report_sentences
-from amrg.data.images import ImageError, decode_image, decode_many
+from amrg.data.chunks import decode_chunk
+from amrg.data.images import ImageError, decode_image
 from amrg.io import load_checkpoint, progress, read_json, resolve_device, save_checkpoint
 
 
@@ -123,14 +124,10 @@ def test_decode_image_modes_and_errors(tmp_path):
     g16 = decode_image(tmp_path, "x16.png", 32)
     assert g16.min() <= 5 and g16.max() >= 250
     rels = ["bad.png", "missing.png", "../etc/passwd", "/etc/passwd", "rgba.png", "x16.png"]
-    res = decode_many(tmp_path, rels, 32, workers=2)
-    assert [r.reason for r in res[:4]] == ["unreadable_image", "missing_image", "path_outside_images_dir",
-                                           "path_outside_images_dir"]
-    assert np.array_equal(res[4], out) and np.array_equal(res[5], g16)  # in order, whatever the pool
-    assert all(np.array_equal(a, b) if isinstance(a, np.ndarray) else a.reason == b.reason
-               for a, b in zip(res, decode_many(tmp_path, rels, 32, workers=1)))
-    with pytest.raises(ValueError, match="workers"):
-        decode_many(tmp_path, rels, 32, workers=0)
+    ok, errors = decode_chunk(rels, str(tmp_path), 32)  # preprocess's chunk of decode jobs
+    assert [(i, r) for i, r, _ in errors] == [(0, "unreadable_image"), (1, "missing_image"),
+                                              (2, "path_outside_images_dir"), (3, "path_outside_images_dir")]
+    assert ok.shape == (2, 32, 32) and np.array_equal(ok[0], out) and np.array_equal(ok[1], g16)  # in job order
     (tmp_path / "link.png").symlink_to("/etc/hostname")
     with pytest.raises(ImageError, match="path_outside_images_dir"):
         decode_image(tmp_path, "link.png", 32)

@@ -72,10 +72,16 @@ def test_stage_rejects_unknown_key_before_compute(tmp_path, monkeypatch):
     assert not (tmp_path / "artifacts").exists()
 
 
-def test_parallel_phantoms_equal_serial():
-    from amrg.data.phantoms import draw_phantoms
+def test_parallel_phantoms_equal_serial(tmp_path):
+    from functools import partial
+
+    from amrg.data.chunks import phantom_chunk, produce
+    from amrg.data.phantoms import draw_phantom
 
     rng = np.random.default_rng(0)
-    jobs = [(rng.choice([np.nan, 0.0, 1.0, -1.0], 14), i % 2, 64, i // 2) for i in range(80)]
-    serial = draw_phantoms(jobs, workers=1)
-    assert all(np.array_equal(a, b) for a, b in zip(serial, draw_phantoms(jobs, workers=2)))
+    jobs = [(rng.choice([np.nan, 0.0, 1.0, -1.0], 14).tolist(), i % 2, i // 2) for i in range(40)]
+    make = partial(phantom_chunk, size=64)
+    pooled = np.concatenate([np.load(f) for f in produce(jobs, make, tmp_path / "pool", 8, 2, "fp")[0]])
+    serial = np.concatenate([np.load(f) for f in produce(jobs, make, tmp_path / "one", 40, 1, "fp")[0]])
+    assert np.array_equal(pooled, serial) and pooled.shape == (40, 64, 64)
+    assert np.array_equal(serial[7], draw_phantom(*jobs[7][:2], 64, jobs[7][2]))

@@ -8,7 +8,6 @@ records as a counted skip.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -55,21 +54,3 @@ def decode_image(root: str | Path, rel: str, size: int) -> np.ndarray:
     if gray.ndim != 2 or min(gray.shape) < 8:
         raise ImageError("unreadable_image", f"{rel}: unexpected shape {gray.shape}")
     return np.asarray(Image.fromarray(gray).resize((size, size), Image.BILINEAR), dtype=np.uint8)
-
-
-def decode_many(root: str | Path, rels: list[str], size: int, workers: int) -> list[np.ndarray | ImageError]:
-    """Decode in a pool of ``workers`` threads (PIL releases the GIL while decoding), in order, with a
-    progress bar; errors are returned, not raised."""
-    from ..io import progress
-
-    if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
-
-    def one(rel: str) -> np.ndarray | ImageError:
-        try:
-            return decode_image(root, rel, size)
-        except ImageError as e:
-            return e
-
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(progress(pool.map(one, rels), "decode images", total=len(rels), unit="images"))

@@ -455,23 +455,3 @@ def draw_phantom(labels, view: int, size: int, seed: int) -> np.ndarray:
 def phantom_regions(labels, view: int, size: int, seed: int) -> dict[str, np.ndarray]:
     """For each finding drawn in :func:`draw_phantom` (same args), a boolean mask of where it was drawn."""
     return _render(labels, view, size, seed, True)[1]
-
-
-def _draw_job(job: tuple) -> np.ndarray:
-    return draw_phantom(*job)
-
-
-def draw_phantoms(jobs: list[tuple], workers: int = 0) -> list[np.ndarray]:
-    """``draw_phantom(labels, view, size, seed)`` for every job, over ``workers`` processes
-    (0: one per CPU core). The result does not depend on the number of workers."""
-    import multiprocessing as mp
-    import os
-
-    from ..io import progress
-
-    workers = workers or os.cpu_count() or 1
-    desc = "draw phantom images"
-    if workers == 1 or len(jobs) < 64:
-        return [draw_phantom(*j) for j in progress(jobs, desc, unit="images")]
-    with mp.get_context("fork").Pool(workers) as pool:  # imap: in order, as pool.map, but as they come
-        return list(progress(pool.imap(_draw_job, jobs, chunksize=64), desc, total=len(jobs), unit="images"))
