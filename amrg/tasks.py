@@ -39,11 +39,6 @@ class ImageBatches(torch.utils.data.Dataset):
         return self.__getitems__([i])
 
 
-# loader workers start from a fresh server process, not as forks of the training process (whose pages
-# they would copy as they touch them: memory growing with the dataset); the dataset reaches them pickled
-START_METHOD = "forkserver"
-
-
 def as_batch(batch):
     """The DataLoader's collate function: the dataset already returns whole batches."""
     return batch
@@ -63,14 +58,10 @@ class ClassifierTask:
 
     def loader(self, shards: list[torch.Tensor]) -> torch.utils.data.DataLoader:
         workers = self.loader_workers
-        if workers:
-            import multiprocessing as mp
-
-            mp.get_context(START_METHOD).set_forkserver_preload([__name__])  # torch once, in the server
         return torch.utils.data.DataLoader(
             ImageBatches(self.pixels, self.targets, self.train), batch_sampler=[s.tolist() for s in shards],
             collate_fn=as_batch, num_workers=workers, pin_memory=self.device.type == "cuda",
-            prefetch_factor=2 if workers else None, multiprocessing_context=START_METHOD if workers else None,
+            prefetch_factor=2 if workers else None,
             generator=torch.Generator().manual_seed(0))  # its worker seed must not draw from the global RNG,
         # which a resumed run restores from the checkpoint (the loader holds no randomness of its own)
 

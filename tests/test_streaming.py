@@ -200,7 +200,7 @@ def test_reports_tokenized_in_blocks_equal_one_block(monkeypatch):
 
 @pytest.mark.timeout(300)
 def test_classifier_trained_through_loader_workers_equals_the_main_process(tmp_path):
-    """The same weights whether 2 DataLoader workers (forkserver) read the row file ahead or the step
+    """The same weights whether 2 DataLoader worker processes read the row file ahead or the step
     reads it itself: the loader changes where bytes are read, not what is trained on."""
     from amrg.models.classifier import ClassifierSpec, DiseaseClassifier
     from amrg.tasks import ClassifierTask
