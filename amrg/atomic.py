@@ -16,8 +16,9 @@ import numpy as np
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temp path beside ``path``; on success fsync it and rename it to ``path``."""
+def atomic_path(path: str | Path, fsync: bool = True) -> Iterator[Path]:
+    """Yield a temp path beside ``path``; on success fsync it (unless ``fsync`` is False: a file whose
+    content is verified before it is used again) and rename it to ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -26,8 +27,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        if fsync:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -39,8 +41,8 @@ def _umask() -> int:
     return mask
 
 
-def write_json(path: str | Path, obj: Any) -> None:
-    with atomic_path(path) as tmp:
+def write_json(path: str | Path, obj: Any, fsync: bool = True) -> None:
+    with atomic_path(path, fsync) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
 
 

@@ -51,7 +51,11 @@ def tree_memory(proc: psutil.Process) -> tuple[int, int]:
     a page shared by k processes 1/k in each, so its sum is the tree's memory; the RSS sum counts shared
     pages (libraries, copy-on-write pages of a fork) once per process."""
     rss = pss = 0
-    for p in [proc, *proc.children(recursive=True)]:
+    try:
+        tree = [proc, *proc.children(recursive=True)]
+    except psutil.Error:  # the stage just ended
+        return 0, 0
+    for p in tree:
         try:
             info = p.memory_full_info()
             rss, pss = rss + info.rss, pss + info.pss

@@ -84,6 +84,12 @@ def test_produce_resumes_after_a_crash_and_the_result_does_not_depend_on_chunkin
     assert [j for j, _, _ in errors] == [j - 1 for j in jobs if j % 7 == 0]  # global job indices
     resumed = _assemble(chunks, errors, len(jobs), tmp_path / "resumed.npy")
 
+    made.clear()
+    npy = tmp_path / "work/chunk-000002.npy"  # a finished chunk damaged (a power loss before the page cache
+    npy.write_bytes(npy.read_bytes()[:-1] + b"\xff")  # reached the disk): its CRC-32 differs, it is made again
+    produce(jobs, partial(_count, made, make), tmp_path / "work", 5, 1, "fp")
+    assert made == [2]
+
     chunks, errors = produce(jobs, make, tmp_path / "other", 16, 2, "fp")  # other chunking, a pool of 2
     assert _assemble(chunks, errors, len(jobs), tmp_path / "whole.npy") == resumed
     chunks, _ = produce(jobs, make, tmp_path / "work", 5, 1, "another fingerprint")  # other inputs: all again

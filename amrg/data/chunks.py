@@ -3,8 +3,8 @@
 The image jobs of a dataset (one per image, in the order of ``images.parquet``) are cut into chunks of
 ``chunk`` jobs. Each chunk is made in a worker process, which writes ``chunk-K.npy`` (the uint8 images
 that worked, in job order) and then ``chunk-K.json`` (the jobs that failed, with their reason): the JSON
-is the chunk's completion mark, each file written atomically. A killed run leaves finished chunks in the
-work directory; the next run with the same jobs (same ``fingerprint``) makes only the rest, and the
+is the chunk's completion mark (with the images' CRC-32), each file renamed into place when whole. A
+killed run leaves finished chunks in the work directory; the next run with the same jobs (same ``fingerprint``) makes only the rest, and the
 chunks are then concatenated in order, so the result is byte-identical to an uninterrupted run for any
 chunk size, worker count or interruption point. Memory is one chunk per worker, never the dataset
 (:data:`START_METHOD`).
@@ -17,6 +17,7 @@ import json
 import logging
 import multiprocessing as mp
 import shutil
+import zlib
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,14 +68,32 @@ class Chunk:
         return workdir / f"chunk-{self.index:06d}.npy", workdir / f"chunk-{self.index:06d}.json"
 
 
+def _crc(pixels: np.ndarray) -> int:
+    return zlib.crc32(np.ascontiguousarray(pixels, dtype=np.uint8).reshape(-1))
+
+
 def _make(make: Maker, chunk: Chunk, workdir: Path) -> int:
+    """Make one chunk and write it; not fsynced (a worker's time is the decode's): a chunk found finished
+    by a later run is checked against the CRC-32 its mark records (:func:`_intact`) and remade if it differs."""
     pixels, errors = make(chunk.jobs)
+    pixels = np.ascontiguousarray(pixels, dtype=np.uint8)
     npy, done = chunk.paths(workdir)
-    with atomic_path(npy) as tmp:
+    with atomic_path(npy, fsync=False) as tmp:
         with open(tmp, "wb") as f:
-            np.save(f, np.ascontiguousarray(pixels, dtype=np.uint8))
-    write_json(done, {"start": chunk.start, "jobs": len(chunk.jobs), "errors": errors})
+            np.save(f, pixels)
+    write_json(done, {"start": chunk.start, "jobs": len(chunk.jobs), "errors": errors, "crc32": _crc(pixels)},
+               fsync=False)
     return chunk.index
+
+
+def _intact(chunk: Chunk, workdir: Path) -> bool:
+    """Whether a chunk of an earlier run is finished and whole (after a crash or power loss it may not be)."""
+    npy, done = chunk.paths(workdir)
+    try:
+        mark = json.loads(done.read_text())
+        return mark["jobs"] == len(chunk.jobs) and _crc(np.load(npy)) == mark["crc32"]
+    except (OSError, ValueError, KeyError, EOFError):
+        return False
 
 
 def produce(jobs: Sequence, make: Maker, workdir: Path, chunk: int, workers: int, fingerprint: str,
@@ -92,7 +111,7 @@ def produce(jobs: Sequence, make: Maker, workdir: Path, chunk: int, workers: int
     workdir.mkdir(parents=True, exist_ok=True)
     mark.write_text(fingerprint)
     chunks = [Chunk(k, s, jobs[s:s + chunk]) for k, s in enumerate(range(0, len(jobs), chunk))]
-    todo = [c for c in chunks if not c.paths(workdir)[1].is_file()]
+    todo = [c for c in chunks if not _intact(c, workdir)]
     if len(todo) < len(chunks):
         log.info("resuming: %d of %d chunks already made in %s", len(chunks) - len(todo), len(chunks), workdir)
 

@@ -231,7 +231,7 @@ class Studies:
 
 
 def load_studies(path) -> Studies:
-    t = read_parquet(path)
+    t = read_parquet(path, columns=["id", "split", "report", *LABEL_COLUMNS, *TARGET_COLUMNS])  # not the raw texts
 
     def block(columns: list[str]) -> np.ndarray:
         return np.stack([t.column(c).to_numpy(zero_copy_only=False) for c in columns], 1).astype(np.float32)
