@@ -120,7 +120,7 @@ def params_for(tree: dict, image_size: int, workers: int) -> dict:
     })
 
 
-def measure(n: int, image_size: int, workdir: Path, workers: int) -> dict:
+def measure(n: int, image_size: int, workdir: Path, workers: int, stages: tuple[str, ...] = STAGES) -> dict:
     d = workdir / f"n{n}"
     shutil.rmtree(d, ignore_errors=True)
     t0 = time.perf_counter()
@@ -130,7 +130,7 @@ def measure(n: int, image_size: int, workdir: Path, workers: int) -> dict:
     (d / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = dict(os.environ, PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES="")
     out = {"studies": n, "images": tree["n_images"], "tree_seconds": round(build_s, 1), "stages": {}}
-    for stage in STAGES:
+    for stage in stages:
         seconds, rss, pss = run_measured([sys.executable, "-m", f"stages.{stage}", "--params", "params.yaml"], d, env)
         out["stages"][stage] = {"seconds": round(seconds, 1), "peak_rss_mb": round(rss / 2**20, 1),
                                 "peak_pss_mb": round(pss / 2**20, 1)}
@@ -141,6 +141,7 @@ def measure(n: int, image_size: int, workdir: Path, workers: int) -> dict:
     timing = json.loads((d / "artifacts/preprocess/timing.json").read_text())
     out["preprocess_images_per_s"] = timing["images_per_s"]  # the whole stage: builder, labeler, decode, write
     out["preprocess_decode_images_per_s"] = timing["decode_images_per_s"]  # the pool's decode + the store's write
+    out["preprocess_pool_images_per_s"] = timing["pool_images_per_s"]  # the pool's decode, chunk files written
     import pyarrow.parquet as pq
 
     from amrg.data.builders import build_dataset
@@ -153,6 +154,7 @@ def measure(n: int, image_size: int, workdir: Path, workers: int) -> dict:
     out["preprocess_vs_bare_decode"] = round(out["preprocess_images_per_s"] / out["bare_decode_images_per_s"], 3)
     out["preprocess_decode_vs_bare_decode"] = round(out["preprocess_decode_images_per_s"]
                                                     / out["bare_decode_images_per_s"], 3)
+    out["preprocess_pool_vs_bare_decode"] = round(out["preprocess_pool_images_per_s"] / out["bare_decode_images_per_s"], 3)
     out["images_in_store"] = pq.read_metadata(d / "artifacts/preprocess/images.parquet").num_rows
     out["disk_mb"] = {"tree": round(sum(f.stat().st_size for f in (d / "mimic").rglob("*") if f.is_file()) / 2**20, 1),
                       "pixels": round(out["pixel_bytes"] / 2**20, 1)}
@@ -166,11 +168,13 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--preprocess-only", action="store_true", help="throughput only: run preprocess, not training")
     args = ap.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="amrg-data-scale-"))
-    runs = [measure(n, args.image_size, workdir, args.workers) for n in args.sizes]
+    stages = ("preprocess",) if args.preprocess_only else STAGES
+    runs = [measure(n, args.image_size, workdir, args.workers, stages) for n in args.sizes]
     result = {"image_size": args.image_size, "workers": args.workers, "cpus": os.cpu_count(), "runs": runs}
-    if len(runs) >= 2:
+    if len(runs) >= 2 and not args.preprocess_only:
         a, b = runs[0], runs[-1]
         added = (b["pixel_bytes"] - a["pixel_bytes"]) / 2**20
         studies_added = b["studies"] - a["studies"]
