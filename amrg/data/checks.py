@@ -4,8 +4,9 @@
 decoded per split) and returns a JSON-serialisable dict:
 
 - ``studies`` / ``images``: counts per split (``images_from``: ``decoded`` or ``image_paths``);
-- ``published``: the split's published study counts (:data:`PUBLISHED_STUDIES`) and ``difference``
-  (built - published) per split; ``studies`` None with a ``note`` where none is confirmed; ``applies``
+- ``published``: the split's published study counts (:data:`PUBLISHED_STUDIES`; image counts, under
+  ``images``, for R2Gen's MIMIC-CXR file, which has one entry per image) and ``difference`` (built -
+  published) per split; ``studies`` None with a ``note`` where none is confirmed; ``applies``
   False under ``data.max_studies`` (a smoke profile; still reported);
 - ``patients_in_several_splits``: patient ids whose studies lie in more than one split (a leak), or
   ``"unknown (no patient ids)"`` (IU X-ray);
@@ -36,9 +37,15 @@ PUBLISHED_STUDIES: dict[tuple[str, bool], dict] = {
     # R2Gen's iu_xray/annotation.json (entries = studies): github.com/cuhksz-nlp/R2Gen/issues/16
     # (maintainer: "[2069, 296, 590] are the number of studies") and zhjohnchan/R2Gen/issues/1.
     ("iu_xray", True): {"split": "R2Gen IU X-ray", "studies": {"train": 2069, "val": 296, "test": 590}},
-    # R2Gen's mimic_cxr/annotation.json entries: cuhksz-nlp/R2Gen/issues/16, zhjohnchan/R2Gen/issues/1
-    # (maintainer: studies without images or findings filtered out), WissingChen/CMCRL/issues/17.
-    ("mimic_cxr", True): {"split": "R2Gen MIMIC-CXR", "studies": {"train": 270790, "val": 2130, "test": 3858}},
+    # R2Gen's mimic_cxr/annotation.json has one entry per IMAGE (a study's frontal and lateral are two samples
+    # sharing its report): WissingChen/CMCRL/issues/17; cuhksz-nlp/R2Gen/issues/1 ("train_image_num 270790";
+    # maintainer: images without a report are left out), R2Gen/issues/16. So its counts are compared with
+    # the images built, not the studies.
+    ("mimic_cxr", True): {"split": "R2Gen MIMIC-CXR", "studies": None,
+                          "images": {"train": 270790, "val": 2130, "test": 3858},
+                          "note": "R2Gen's file counts images (one entry per image with a findings section), "
+                                  "compared here with the images built (data.max_views per study, views other "
+                                  "than PA/AP/LATERAL/LL dropped), so a difference is expected"},
     # The official MIMIC-CXR(-JPG 2.0.0) split, every study with a report: Chen et al. 2020 (R2Gen, EMNLP)
     # Table 1, "MIMIC-CXR's official split" (cited from the MIMIC-CXR paper, R2Gen issues/16); the sum
     # 227,835 is MIMIC-CXR's study total (mimic.mit.edu/docs/iv/modules/cxr). Images: 368,960/2,991/5,159.
@@ -60,7 +67,7 @@ def _by_split(values: dict[str, int]) -> dict[str, int]:
     return {s: int(values.get(s, 0)) for s in SPLITS}
 
 
-def _published(data: Data, studies: dict[str, int]) -> dict:
+def _published(data: Data, studies: dict[str, int], images: dict[str, int]) -> dict:
     entry = PUBLISHED_STUDIES.get((data.dataset, data.annotation is not None))
     if entry is None:
         return {"split": None, "studies": None, "difference": None, "applies": False,
@@ -69,6 +76,9 @@ def _published(data: Data, studies: dict[str, int]) -> dict:
            "note": entry.get("note", "")}
     if entry["studies"] is not None:
         out["difference"] = {s: studies[s] - entry["studies"][s] for s in SPLITS}
+    if "images" in entry:  # a split file that counts images (R2Gen's MIMIC-CXR)
+        out["images"] = entry["images"]
+        out["difference"] = {s: images[s] - entry["images"][s] for s in SPLITS}
     if data.max_studies is not None:
         out["applies"] = False
         out["note"] = f"data.max_studies={data.max_studies} (a smoke profile): the comparison does not apply"
@@ -110,7 +120,7 @@ def check_dataset(data: Data, studies: list[Study], skips: list[Skip], n_images:
     return {
         "dataset": data.dataset, "sections": data.sections,
         "studies": counts, "images": images, "images_from": "image_paths" if n_images is None else "decoded",
-        "published": _published(data, counts),
+        "published": _published(data, counts, images),
         "patients_in_several_splits": patients,
         "reports_shared_train_test": reports,
         "without_section": _skips(skips, lambda r: r.startswith("no_") and r.endswith("_section"), examples),
@@ -129,9 +139,10 @@ def log_checks(checks: dict, log: logging.Logger) -> None:
         extra += f" by reason {p['by_reason']}" if "by_reason" in p else ""
         log.warning("dataset check %s: %d%s; e.g. %s", name, p["count"], extra, p["examples"])
     pub = checks["published"]
-    vs = (f"published {pub['split']} {pub['studies']}, difference {pub['difference']}"
-          if pub["studies"] is not None else f"published: none ({pub['note']})")
-    if pub["studies"] is not None and pub["note"]:
+    counted = "studies" if pub["studies"] is not None else "images" if pub.get("images") else None
+    vs = (f"published {pub['split']} {counted} {pub[counted]}, difference {pub['difference']}"
+          if counted else f"published: none ({pub['note']})")
+    if counted and pub["note"]:
         vs += f" ({pub['note']})"
     log.info("dataset %s: studies %s, images (%s) %s; %s; patients in several splits: %s; skipped %s",
              checks["dataset"], checks["studies"], checks["images_from"], checks["images"], vs,
