@@ -18,7 +18,10 @@ def _data():
     labels = np.full((3, 14), np.nan, np.float32)
     labels[0, A], labels[0, B] = 1, -1  # s0: Cardiomegaly, Edema uncertain
     labels[1, A], labels[1, B] = 0, 1  # s1: no Cardiomegaly, Edema
-    studies = Studies(["s0", "s1", "s2"], np.array(["train", "train", "test"]), ["", "", ""], labels)
+    # the classifier's targets are `labels`; the labeler's reading (CE's reference) says nothing here, so a
+    # target that shows up below comes from the targets (labels.source), never from the labeler's columns
+    labeler = np.full((3, 14), np.nan, np.float32)
+    studies = Studies(["s0", "s1", "s2"], np.array(["train", "train", "test"]), ["", "", ""], labeler, labels)
     # images (row: study): 0: s1, 1: s0, 2: s0, 3: s2
     images = Images(["s1", "s0", "s0", "s2"], np.array([0, 0, 1, 0]), np.array(["train", "train", "train", "test"]),
                     np.zeros((4, 2, 2), np.uint8))
