@@ -179,7 +179,7 @@ def localisation(a, device: torch.device, art: Path) -> None:
 
         pp = yaml.safe_load(Path(a.params).read_text())
     seed0, size = int(pp["runtime"]["seed"]), int(pp["data"]["image_size"])
-    studies, images = load_studies(pre / "studies.parquet"), load_images(pre / "images.parquet")
+    studies, images = load_studies(pre / "studies.parquet"), load_images(pre / "images.parquet", pre / "pixels.npy")
     model = load_classifier(cls, device)
     idx = studies.index()
     test = np.flatnonzero(images.split == "test")

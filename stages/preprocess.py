@@ -13,8 +13,6 @@ reason) and ``timing.json`` (the one output that differs between runs).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
 from collections import Counter
@@ -34,7 +32,9 @@ from amrg.labels import label
 from amrg.labels.schema import CHEXPERT_14, LABEL_COLUMNS, TARGET_COLUMNS
 from amrg.layout import PHANTOM_FLAG
 
-from .common import Timer, start, write_resolved
+from .common import Timer, fingerprint, start, write_resolved
+
+LOGGED_SKIPS = 50  # skips written to the log one by one; stats.json lists every one
 
 
 def classifier_targets(studies: list[Study], labels: np.ndarray, source: str) -> tuple[np.ndarray, list[int], list[Skip]]:
@@ -73,8 +73,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         jobs = [studies[i].image_paths[v] for i, v in refs]
         make = partial(decode_chunk, root=p.image_root, size=p.image_size)
-    what = {"images": p.images, "root": p.image_root, "size": p.image_size, "chunk": p.chunk_images, "jobs": jobs}
-    fp = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+    fp = fingerprint({"images": p.images, "root": p.image_root, "size": p.image_size, "chunk": p.chunk_images,
+                      "jobs": jobs})
     workdir = layout.checkpoints / "preprocess"
     decode_timer = Timer()
     chunk_files, errors = produce(jobs, make, workdir, p.chunk_images, p.workers or os.cpu_count() or 1, fp,
@@ -88,9 +88,9 @@ def main(argv: list[str] | None = None) -> None:
     has_image = set(with_image)
     skips += [Skip(s.id, "no_readable_image", f"{len(s.image_paths)} listed, none readable")
               for i, s in enumerate(studies) if i not in has_image]
-    for sk in skips[:50]:
+    for sk in skips[:LOGGED_SKIPS]:
         log.warning("skip %s: %s %s", sk.id, sk.reason, sk.detail)
-    if len(skips) > 50:
+    if len(skips) > LOGGED_SKIPS:
         log.warning("... %d skips in all (stats.json lists every one)", len(skips))
 
     img_rows = [refs[j] for j in ok]
@@ -116,7 +116,8 @@ def main(argv: list[str] | None = None) -> None:
     write_parquet(layout.studies, table)
 
     split_arr = np.array([s.split for s in studies])
-    checks = check_dataset(p, studies, skips, n_images={sp: img_splits.count(sp) for sp in SPLITS})
+    images_per_split = {sp: img_splits.count(sp) for sp in SPLITS}
+    checks = check_dataset(p, studies, skips, n_images=images_per_split)
     stats = {
         PHANTOM_FLAG: phantom,
         "note": PHANTOM_NOTE if phantom else f"images decoded from {p.image_root}",
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
         "sections": p.sections,
         "labels": {"labeler": params.labels.labeler, "classifier_targets": params.labels.source},
         "studies": {sp: int((split_arr == sp).sum()) for sp in SPLITS},
-        "images": {sp: img_splits.count(sp) for sp in SPLITS},
+        "images": images_per_split,
         "skipped": len(skips),
         "skipped_by_reason": dict(Counter(s.reason for s in skips)),
         "checks": checks,

@@ -19,6 +19,7 @@ from PIL import Image
 from amrg.config import ParamsError, parse_params
 from amrg.data.phantoms import draw_phantom
 from amrg.data.store import load_images, load_studies
+from amrg.layout import Layout
 from stages import preprocess
 
 ROOT_PARAMS = yaml.safe_load(open("params.yaml"))
@@ -121,7 +122,7 @@ def test_bad_input_matrix(tmp_path, monkeypatch):
     kept = sorted(s for s, (_, _, out) in CASES.items() if out.startswith("kept"))
     studies = load_studies(tmp_path / "artifacts/preprocess/studies.parquet")
     assert sorted(studies.ids) == kept  # every good study kept, each exactly once
-    images = load_images(tmp_path / "artifacts/preprocess/images.parquet")
+    images = load_images(Layout(tmp_path / "artifacts").images, Layout(tmp_path / "artifacts").pixels)
     per_study = Counter(images.study_ids)
     assert {s: per_study[s] for s in kept} == {s: 1 if CASES[s][2] == "kept:1" else 2 for s in kept}
     assert images.pixels.dtype == np.uint8 and images.pixels.shape[1:] == (64, 64)

@@ -10,6 +10,7 @@ from PIL import Image
 from amrg.cli import main as cli
 from amrg.data.phantoms import draw_phantom
 from amrg.data.store import load_images, load_studies
+from amrg.layout import Layout
 from stages import preprocess
 
 ROOT_PARAMS = yaml.safe_load(open("params.yaml"))
@@ -50,7 +51,7 @@ def test_bad_inputs_are_counted_skips(tmp_path, monkeypatch):
                                           "path_outside_images_dir": 1}
     studies = load_studies(tmp_path / "artifacts/preprocess/studies.parquet")
     assert studies.ids == ["s0", "s1", "s2", "s5"]
-    images = load_images(tmp_path / "artifacts/preprocess/images.parquet")
+    images = load_images(Layout(tmp_path / "artifacts").images, Layout(tmp_path / "artifacts").pixels)
     assert sorted(zip(images.study_ids, images.views.tolist())) == [("s0", 0), ("s0", 1), ("s1", 0), ("s2", 1), ("s5", 1)]
     assert images.pixels.shape == (5, 64, 64)
     assert images.study_views(["s1"]).tolist() == [[2, 2]]  # single view repeated

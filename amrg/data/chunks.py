@@ -41,6 +41,10 @@ FINGERPRINT = "fingerprint"
 START_METHOD = "fork"
 
 
+def _stack(images: list[np.ndarray], size: int) -> np.ndarray:
+    return np.stack(images) if images else np.zeros((0, size, size), np.uint8)
+
+
 def decode_chunk(rels: Sequence[str], root: str, size: int) -> tuple[np.ndarray, list[Error]]:
     """Decode image files ``rels`` below ``root`` to uint8 ``size x size``; failures are returned, not raised."""
     ok, errors = [], []
@@ -49,13 +53,12 @@ def decode_chunk(rels: Sequence[str], root: str, size: int) -> tuple[np.ndarray,
             ok.append(decode_image(root, rel, size))
         except ImageError as e:
             errors.append((i, e.reason, e.detail))
-    return np.stack(ok) if ok else np.zeros((0, size, size), np.uint8), errors
+    return _stack(ok, size), errors
 
 
 def phantom_chunk(jobs: Sequence[tuple], size: int) -> tuple[np.ndarray, list[Error]]:
     """Draw phantom radiographs ``draw_phantom(labels, view, size, seed)`` for jobs ``(labels, view, seed)``."""
-    out = [draw_phantom(labels, view, size, seed) for labels, view, seed in jobs]
-    return np.stack(out) if out else np.zeros((0, size, size), np.uint8), []
+    return _stack([draw_phantom(labels, view, size, seed) for labels, view, seed in jobs], size), []
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ side) and ``patch_mask.side`` (patches per image side) travel with the table thr
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,6 @@ import torch
 from ..io import atomic_path, read_parquet
 from ..labels.schema import LABEL_COLUMNS, TARGET_COLUMNS, binarize
 
-PIXELS_FILE = "pixels.npy"  # beside images.parquet
 PATCH_MASK = "patch_mask"
 _PATCH_KEY, _SIDE_KEY = b"patch_mask.patch", b"patch_mask.side"
 
@@ -152,8 +152,6 @@ class RowWriter:
 def write_rows(paths: Sequence[Path], n_rows: int, batches) -> list[TensorRows]:
     """Stream ``batches`` (each a tuple of arrays/tensors, one per path, of equal length) into one ``.npy``
     row file per path; each file's row shape and dtype are those of its first batch. Memory: one batch."""
-    import contextlib
-
     writers = None
     with contextlib.ExitStack() as stack:
         for batch in batches:
@@ -266,10 +264,10 @@ class Images:
         return out
 
 
-def load_images(index: str | Path, pixels: str | Path | None = None) -> Images:
-    """``images.parquet`` and its pixel rows (``pixels.npy`` beside it unless given)."""
+def load_images(index: str | Path, pixels: str | Path) -> Images:
+    """``images.parquet`` and its pixel rows (:attr:`amrg.layout.Layout.images` / ``.pixels``)."""
     t = read_parquet(index, columns=["study_id", "view", "split"])
-    rows = TensorRows(Path(index).with_name(PIXELS_FILE) if pixels is None else pixels)
+    rows = TensorRows(pixels)
     if len(rows) != t.num_rows:
         raise ValueError(f"{index} lists {t.num_rows} images but {rows.path} holds {len(rows)}: rerun preprocess")
     return Images(t.column("study_id").to_pylist(), t.column("view").to_numpy(),
