@@ -1,9 +1,12 @@
 """Memory-bank construction (paper III-C): region selection, report sampling, pooling.
 
-- Visual bank rows are CAM regions, at most ``max_per_disease`` per disease, the most confident first.
+- Visual bank rows are CAM regions, at most ``max_per_disease`` non-empty ones per disease (the cap counts
+  after empty masks are dropped, IV-B), the most confident first or a seeded random sample (the released
+  code's ``random.sample``). ``regions.parquet`` names the rule that made it (:func:`with_region_rule`).
 - A region's vector is the mean of the encoder tokens whose grid cell lies in a kept patch
   (the kept-patch mask max-pooled onto the token grid): the encoder sees the masked image and only
-  the region's own tokens are pooled.
+  the region's own tokens are pooled. The released code's alternative (``banks.visual.unit: patch``):
+  a row per kept patch, its crop resized to the image size (:func:`patch_crops`) and all its tokens pooled.
 - The report bank draws training reports per disease in proportion to the training label frequency
   (``size`` reports in all, seeded), splits them into sentences and keeps each distinct sentence once
   (with how many drawn reports contain it), since repeated stock sentences would otherwise dominate
@@ -12,20 +15,63 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
+import pyarrow as pa
 import torch
 
 from .data.clean import report_sentences
 
+SELECT_RULES = ("confident", "random")
+_RULE_KEY = b"cam.rule"
 
-def select_regions(scores: np.ndarray, diseases: np.ndarray, max_per_disease: int) -> np.ndarray:
-    """Indices of the kept rows: per disease the ``max_per_disease`` highest scores (ties: first row)."""
-    keep = []
-    for d in np.unique(diseases):
-        rows = np.flatnonzero(diseases == d)
-        order = rows[np.argsort(-scores[rows], kind="stable")]
-        keep.append(order[:max_per_disease])
-    return np.sort(np.concatenate(keep)) if keep else np.zeros(0, dtype=np.int64)
+
+def region_order(scores: np.ndarray, diseases: np.ndarray, rule: str = "confident", seed: int = 0) -> np.ndarray:
+    """Every row index, grouped by disease (ascending), each disease's rows in the order the cap takes them.
+
+    ``confident``: highest ``scores`` first (ties: first row). ``random``: a seeded permutation of all rows
+    (``numpy.random.default_rng(seed)``), so each disease's rows come in a uniformly random order and the
+    rows of any subset keep the relative order they have here.
+    """
+    if rule not in SELECT_RULES:
+        raise ValueError(f"unknown cam.select {rule!r}; choose from {SELECT_RULES}")
+    scores, diseases = np.asarray(scores), np.asarray(diseases)
+    key = -scores if rule == "confident" else np.random.default_rng(seed).permutation(len(scores))
+    return np.lexsort((np.arange(len(scores)), key, diseases))
+
+
+def select_regions(scores: np.ndarray, diseases: np.ndarray, max_per_disease: int, rule: str = "confident",
+                   seed: int = 0, eligible: np.ndarray | None = None) -> np.ndarray:
+    """Indices (ascending) of the kept rows: per disease the first ``max_per_disease`` eligible rows in
+    :func:`region_order` (``rule``, ``seed``). ``eligible`` (bool per row, default all) drops rows (an
+    empty CAM mask) before the cap, without changing the order of the others: the result equals
+    ``select_regions`` run on the eligible rows alone for ``confident``, and is still a uniform sample of
+    them for ``random``."""
+    order = region_order(scores, diseases, rule, seed)
+    if eligible is not None:
+        order = order[np.asarray(eligible, dtype=bool)[order]]
+    d = np.asarray(diseases)[order]
+    start = np.flatnonzero(np.r_[True, d[1:] != d[:-1]]) if len(d) else np.zeros(0, dtype=np.int64)
+    rank = np.arange(len(d)) - np.repeat(start, np.diff(np.r_[start, len(d)]))  # position within its disease
+    return np.sort(order[rank < max_per_disease]).astype(np.int64)
+
+
+def with_region_rule(table: pa.Table, rule: dict) -> pa.Table:
+    """``table`` with the mining rule that made it (a JSON dict: tau, max_patches, select, ...) in its schema
+    metadata; a column selection keeps it (as the ``patch_mask`` geometry of ``amrg.data.store``)."""
+    meta = dict(table.schema.metadata or {})
+    meta[_RULE_KEY] = json.dumps(rule, sort_keys=True).encode()
+    return table.replace_schema_metadata(meta)
+
+
+def read_region_rule(table: pa.Table) -> dict:
+    """The rule written by :func:`with_region_rule`."""
+    meta = table.schema.metadata or {}
+    if _RULE_KEY not in meta:
+        raise ValueError("regions table does not say which CAM rule made it (written by an older amrg): "
+                         "rerun `dvc repro mine_cam`")
+    return json.loads(meta[_RULE_KEY])
 
 
 def mask_to_grid(mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -35,6 +81,18 @@ def mask_to_grid(mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         m = torch.nn.functional.adaptive_max_pool2d(m, grid) if m.shape[-1] >= grid[-1] else \
             torch.nn.functional.interpolate(m, size=grid, mode="nearest")
     return m[:, 0] > 0
+
+
+def patch_crops(pixels: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, patch: int) -> torch.Tensor:
+    """The ``patch x patch`` crops at patch coordinates ``(rows[i], cols[i])`` of images ``pixels[i]``
+    (``(B, S, S)``), each resized bilinearly (half-pixel centres, as ``cv2.resize``) to ``(S, S)``: float
+    ``(B, S, S)`` in the pixels' value range, the released code's one-patch encoder input."""
+    b, size = pixels.shape[0], pixels.shape[-1]
+    offs = torch.arange(patch, device=pixels.device)
+    ys, xs = rows[:, None] * patch + offs, cols[:, None] * patch + offs  # (B, patch) pixel indices
+    crops = pixels[torch.arange(b, device=pixels.device)[:, None, None], ys[:, :, None], xs[:, None, :]]
+    return torch.nn.functional.interpolate(crops.float().unsqueeze(1), size=(size, size), mode="bilinear",
+                                           align_corners=False)[:, 0]
 
 
 def masked_mean_pool(tokens: torch.Tensor, grid_mask: torch.Tensor) -> torch.Tensor:

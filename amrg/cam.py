@@ -2,9 +2,10 @@
 
 For an (image, disease) pair the CAM method gives an activation map M in [0, 1] at image size (each
 map min-max normalised by the library). :func:`patch_mask` averages M over each ``patch x patch``
-block r_k and keeps the block iff its mean exceeds τ; :func:`apply_mask` zeroes every pixel outside
-the kept blocks (eq. 1). The CAM target layer is the encoder's ``feature_map`` (``(B, C, H, W)`` for
-every timm family), so no per-family reshape is needed.
+block r_k and keeps the block iff its mean exceeds τ, optionally only the ``max_patches`` highest such
+blocks (IV-E: "the top six regions exhibiting the highest activation scores"; the released code keeps at
+most 6); :func:`apply_mask` zeroes every pixel outside the kept blocks (eq. 1). The CAM target layer is
+the encoder's ``feature_map`` (``(B, C, H, W)`` for every timm family), so no per-family reshape is needed.
 """
 
 from __future__ import annotations
@@ -20,12 +21,26 @@ CAM_METHODS = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "xgradcam": XGr
                "hirescam": HiResCAM, "layercam": LayerCAM, "scorecam": ScoreCAM}
 
 
-def patch_mask(cam: np.ndarray, patch: int, tau: float) -> np.ndarray:
-    """Eq. 1 selection: ``(B, H, W)`` maps -> ``(B, H/patch, W/patch)`` bool, True where the patch mean > τ."""
+def patch_mask(cam: np.ndarray, patch: int, tau: float, max_patches: int = 0) -> np.ndarray:
+    """Eq. 1 selection: ``(B, H, W)`` maps -> ``(B, H/patch, W/patch)`` bool, True where the patch mean > τ.
+
+    ``max_patches`` k > 0 (IV-E's top six): of the patches above τ keep only the k with the highest mean;
+    equal means rank in row-major order (the first patch wins), so the mask is deterministic. 0: all of them.
+    """
     b, h, w = cam.shape
     if h % patch or w % patch:
         raise ValueError(f"image size {h}x{w} is not a multiple of cam.patch={patch}")
-    return cam.reshape(b, h // patch, patch, w // patch, patch).mean(axis=(2, 4)) > tau
+    if max_patches < 0:
+        raise ValueError(f"cam.max_patches must be >= 0 (0: no cap), got {max_patches}")
+    means = cam.reshape(b, h // patch, patch, w // patch, patch).mean(axis=(2, 4))
+    keep = means > tau
+    n = (h // patch) * (w // patch)
+    if 0 < max_patches < n:
+        order = np.argsort(-means.reshape(b, n), axis=1, kind="stable")  # highest first, ties row-major
+        rank = np.empty_like(order)
+        np.put_along_axis(rank, order, np.broadcast_to(np.arange(n), order.shape), axis=1)
+        keep &= rank.reshape(keep.shape) < max_patches
+    return keep
 
 
 def apply_mask(images: np.ndarray, mask: np.ndarray, patch: int) -> np.ndarray:

@@ -2,6 +2,10 @@
 ``python -m flows.show``; the library knows no DVC.)
 
     amrg check    [--params params.yaml]     validate every key before running anything
+    amrg profile  PROFILE [-o FILE] [--base params.yaml]
+                                             a profile (configs/paper-*.yaml, configs/official-*.yaml: overlays
+                                             of the embedded default, `extends:` chains) as a full, validated
+                                             params file (amrg.profiles); stdout without -o
     amrg generate IMAGE [IMAGE ...] [--run artifacts] [--params FILE] [--device auto] [--study]
                   [--cam-dir DIR] [--json]   report, predicted labels and where CAM points, per image
                                              (--study: the images are the views of one study); decode
@@ -26,6 +30,24 @@ def _check(args) -> int:
         print(e, file=sys.stderr)
         return 2
     print(f"{args.params}: ok")
+    return 0
+
+
+def _profile(args) -> int:
+    from .io import write_text
+    from .profiles import materialise, render
+
+    try:
+        raw, _ = materialise(args.profile, args.base)
+    except ParamsError as e:
+        print(e, file=sys.stderr)
+        return 2
+    text = render(args.profile, raw, args.base)
+    if args.output:
+        write_text(args.output, text)
+        print(f"{args.profile} -> {args.output}: ok", file=sys.stderr)
+    else:
+        print(text, end="")
     return 0
 
 
@@ -150,6 +172,12 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--cam-dir", default=None, help="write CAM overlays (PNG) of the predicted diseases here")
             p.add_argument("--json", action="store_true", help="print JSON instead of text")
             p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="device (default: auto)")
+    p = sub.add_parser("profile", help="a profile as a full params file")
+    p.add_argument("profile", help="profile YAML, e.g. configs/official-iu.yaml")
+    p.add_argument("-o", "--output", default=None, help="write here (e.g. params.yaml; default: stdout)")
+    p.add_argument("--base", default="params.yaml",
+                   help="the embedded default the profile overlays (default: params.yaml)")
+    p.set_defaults(fn=_profile)
     args = ap.parse_args(argv)
     return args.fn(args)
 

@@ -130,13 +130,18 @@ class QFormer:
     layers: int = 2
     heads: int = 8
     n_queries: int = 14
+    kind: Literal["scratch", "blip2"] = "scratch"  # blip2: transformers' Blip2QFormerModel
+    pretrained: Optional[str] = None  # blip2: Q-Former or BLIP-2 checkpoint (HF id, dir, pkg:); null: random init
+    cross_attention_frequency: int = 2  # blip2: cross-attention in every n-th layer
 
     def check(self) -> list[str]:
-        errs = []
-        if self.dim % self.heads:
+        errs = _positive(self, "qformer", ["dim", "layers", "heads", "cross_attention_frequency"])
+        if not errs and self.dim % self.heads:
             errs.append("qformer.dim must be divisible by qformer.heads")
         if self.n_queries != 14:
             errs.append("qformer.n_queries must be 14 (one query per CheXpert observation)")
+        if self.kind == "scratch" and self.pretrained is not None:
+            errs.append("qformer.pretrained needs qformer.kind: blip2 (the scratch Q-Former has no checkpoint)")
         return errs
 
 
@@ -148,6 +153,7 @@ class Classifier:
     weight_decay: float = 0.05
     warmup_steps: int = 0
     ortho_weight: float = 0.1
+    ortho_on: Literal["queries", "features"] = "queries"  # eq. 11's orthogonality: query parameters or each image's F_d
     uncertain_as: Literal["negative", "positive"] = "negative"
     pos_weight: bool = False
     pos_weight_cap: float = 100.0  # largest BCE weight of a rare disease's positives (pos_weight: true)
@@ -163,7 +169,9 @@ class Cam:
     patch: int = 16
     tau: float = 0.5
     targets: Literal["labels", "predictions"] = "labels"  # positive labels, or predicted positives (p > 0.5)
-    max_per_disease: int = 500
+    max_patches: int = 0  # per (image, disease): 0 every patch > tau; k the k highest of them (IV-E top six)
+    max_per_disease: int = 500  # regions per disease, counted after empty masks are dropped
+    select: Literal["confident", "random"] = "confident"  # the cap keeps the highest p, or a runtime.seed sample
     batch_size: int = 32
     n_overlays: int = 2  # per disease, PNGs for people to look at
 
@@ -171,6 +179,8 @@ class Cam:
         errs = _positive(self, "cam", ["patch", "max_per_disease", "batch_size"])
         if not 0.0 <= self.tau < 1.0:
             errs.append("cam.tau must be in [0, 1) (GradCAM maps are normalised to [0, 1])")
+        if self.max_patches < 0:
+            errs.append(f"cam.max_patches must be >= 0 (0: every patch above tau; got {self.max_patches})")
         return errs
 
 
@@ -180,6 +190,8 @@ class ReportBank:
     size: int = 6000  # reports drawn per disease in proportion to training label frequency
     max_length: int = 64
     batch_size: int = 128
+    pooling: Literal["mean", "last", "cls"] = "mean"  # over the last hidden states: masked mean, last token, first
+    trust_remote_code: bool = False  # run the checkpoint's own modelling code (InternLM)
 
     def check(self) -> list[str]:
         return _positive(self, "banks.report", ["size", "max_length", "batch_size"])
@@ -187,6 +199,9 @@ class ReportBank:
 
 @dataclass(frozen=True)
 class VisualBank:
+    # a bank row per CAM region (the masked image x′ of eq. 1, its kept tokens pooled), or per kept
+    # 16 x 16 patch (its crop resized to the image size and encoded alone: the released code's bank)
+    unit: Literal["region", "patch"] = "region"
     batch_size: int = 64
 
     def check(self) -> list[str]:
@@ -225,11 +240,17 @@ class Hopfield:
     beta: float = 4.0
     steps: int = 1
     eta: float = 0.1
-    dim: int = 768
+    dim: int = 768  # association width per head (hflayers hidden_size)
     top_k: int = 0  # 0: dense softmax over the whole bank; k: exact softmax over the bank's top-k (faiss)
+    # logits β·ξKᵀ/√d (beta_over_sqrt_d), or β·ξKᵀ (beta: hflayers' given `scaling`, which replaces 1/√d)
+    scaling: Literal["beta_over_sqrt_d", "beta"] = "beta_over_sqrt_d"
+    normalize: bool = False  # affine LayerNorm on the state, stored and projected patterns (hflayers)
+    heads: int = 1  # association heads; >1: heads concatenated, then an output projection (hflayers out_proj)
+    dropout: float = 0.0  # dropout on the association weights (training only)
 
     def check(self) -> list[str]:
-        errs = _positive(self, "hopfield", ["beta", "steps", "eta", "dim"])
+        errs = _positive(self, "hopfield", ["beta", "steps", "eta", "dim", "heads"])
+        errs += [] if 0.0 <= self.dropout < 1.0 else [f"hopfield.dropout must be in [0, 1) (got {self.dropout!r})"]
         return errs + ([] if self.top_k >= 0 else ["hopfield.top_k must be >= 0 (0: dense)"])
 
 
@@ -250,6 +271,8 @@ class Llm:
     intermediate_size: int = 256
     min_word_freq: int = 2
     gradient_checkpointing: bool = False  # recompute LLM activations in backward (less memory)
+    # let a pretrained LM's repository run its own modelling/tokenizer code (e.g. InternLM); off: HF's own classes
+    trust_remote_code: bool = False
 
     def check(self) -> list[str]:
         errs = _positive(self, "llm", ["hidden_size", "layers", "heads", "intermediate_size", "min_word_freq", "lora_r"])
@@ -260,9 +283,21 @@ class Llm:
         return errs
 
 
+# The generator's prompt template (:func:`amrg.models.generator.split_template`): its text before and after
+# TEMPLATE_IMAGE (where the image embeddings F, Q, F' go), TEMPLATE_PROMPT replaced by ``generator.prompt``.
+TEMPLATE_IMAGE, TEMPLATE_PROMPT = "{image}", "{prompt}"
+DEFAULT_TEMPLATE = "{image} {prompt}"  # [BOS, F, Q, F', prompt]
+R2GENGPT_TEMPLATE = "Human: <Img>{image}</Img> {prompt} \nAssistant:"  # R2GenGPT / the released AM-MRG code
+
+
 @dataclass(frozen=True)
 class Generator:
     prompt: str = "Generate a comprehensive and detailed diagnosis report for this chest X-ray image."
+    # the LLM's prefix is [BOS, template text before {image}, F, Q, F', text after it] with {prompt} -> prompt
+    prompt_template: str = DEFAULT_TEMPLATE
+    embed_norm: bool = False  # one LayerNorm(hidden) over the image part [F, Q, F'] (the released code's layer_norm)
+    # the two views' visual tokens F: both, concatenated (2T tokens) | their mean (T tokens; R2GenGPT / released)
+    views: Literal["concat", "mean"] = "concat"
     visual_pool: int = 1  # average-pool the visual token grid by this factor before the LLM
     max_report_tokens: int = 100
     epochs: int = 3
@@ -272,8 +307,18 @@ class Generator:
     weight_decay: float = 0.0
     warmup_steps: int = 0
     checkpoint_every: int = 50
-    # checkpoint selection: lowest val loss, or highest val BLEU-4 of greedy reports (max_report_tokens)
-    select: Literal["val_loss", "val_bleu4"] = "val_bleu4"
+    # checkpoint selection (amrg.tasks.GeneratorTask.validate): lowest val loss, or highest val BLEU-4,
+    # 0.5 BLEU-4 + 0.5 CIDEr (R2GenGPT's val score) or CE F1 (evaluate's headline CE; PromptMRG selects on CE)
+    select: Literal["val_loss", "val_bleu4", "val_bleu4_cider", "val_ce_f1"] = "val_bleu4"
+    # the validation reports: greedy, max_report_tokens long | configured: the decode section (beams, lengths,
+    # penalties), as R2GenGPT and the released AM-MRG code validate
+    select_decode: Literal["greedy", "configured"] = "greedy"
+    # word dropout (amrg.tasks.word_dropout): the share of report tokens the LLM reads as <unk> under teacher
+    # forcing in training (targets unchanged); 0: plain teacher forcing, as the paper
+    word_dropout: float = 0.0
+    # class-balanced sampling (amrg.train.balanced_weights): a training study is drawn in proportion to
+    # max over its positive labels of (N / n_k) ** balance; 0: every study once per epoch, as the paper
+    balance: float = 0.0
     # Bidirectional visual representation learning (seed 004, amrg.models.bidirectional):
     # L = vtc_weight * L_VTC + tvc_weight * L_TVC + rec_weight * L_REC (paper: 1, 1, 1). A term at weight 0
     # builds nothing, so tvc_weight = rec_weight = 0 is today's training, bit for bit.
@@ -303,12 +348,21 @@ class Generator:
                                              "rec_patch", "rec_dim", "rec_heads"])
         weights = {k: getattr(self, k) for k in ("vtc_weight", "tvc_weight", "rec_weight")}
         errs += [f"generator.{k} must be >= 0 (got {v!r})" for k, v in weights.items() if v < 0]
+        if self.balance < 0:
+            errs.append(f"generator.balance must be >= 0 (got {self.balance!r})")
+        if not 0.0 <= self.word_dropout < 1.0:
+            errs.append(f"generator.word_dropout must be in [0, 1) (got {self.word_dropout!r})")
         if all(v == 0 for v in weights.values()):
             errs.append("generator.vtc_weight, tvc_weight and rec_weight are all 0: nothing to train")
         if self.rec_depth < 0:
             errs.append(f"generator.rec_depth must be >= 0 (got {self.rec_depth!r})")
         if self.rec_heads > 0 and self.rec_dim % self.rec_heads:
             errs.append("generator.rec_dim must be divisible by generator.rec_heads")
+        errs += [f"generator.prompt_template must contain {ph} exactly once (got {self.prompt_template!r})"
+                 for ph in (TEMPLATE_IMAGE, TEMPLATE_PROMPT) if self.prompt_template.count(ph) != 1]
+        if self.views == "mean" and (self.tvc_weight > 0 or self.rec_weight > 0):
+            errs.append("generator.views=mean averages the views' visual tokens, but TVC and REC (tvc_weight, "
+                        "rec_weight > 0) work per view: use generator.views=concat with them")
         if self.tvc_teacher_forcing and not self.tvc_view_token and not self.tvc_prompt.strip():
             errs.append("generator.tvc_prompt must not be empty without tvc_view_token (E_g,0 is read at the "
                         "position before E_v,0)")
@@ -322,9 +376,15 @@ class Decode:
     min_new_tokens: int = 1
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
+    # beam search only (HF generate): a beam's score is its log-likelihood / length ** length_penalty, so > 0
+    # favours longer reports, < 0 shorter ones; 1.0: the plain per-token mean (R2GenGPT / released: 2.0)
+    length_penalty: float = 1.0
 
     def check(self) -> list[str]:
-        return _positive(self, "decode", ["num_beams", "max_new_tokens", "repetition_penalty"])
+        errs = _positive(self, "decode", ["num_beams", "max_new_tokens", "repetition_penalty"])
+        inf = float("inf")
+        return errs + ([] if -inf < self.length_penalty < inf else
+                       [f"decode.length_penalty must be a finite number (got {self.length_penalty!r})"])
 
 
 @dataclass(frozen=True)

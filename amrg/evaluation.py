@@ -98,6 +98,33 @@ def template_guard(scores: Scores, ref_labels: np.ndarray, uncertain_as: str) ->
     return out
 
 
+def compact_guard(guard: dict) -> dict:
+    """One system's guard for metrics.json: distinct ratio, vocabulary and, per label, the predicted and
+    reference prevalence as ``[predicted, reference]`` (a collapsed system predicts ~0 for every finding)."""
+    return {"distinct_ratio": guard["distinct_ratio"], "vocabulary": guard["vocabulary"],
+            "prevalence": {n: [round(p["predicted"], 4), round(p["reference"], 4)] for n, p in guard["prevalence"].items()}}
+
+
+HEADLINE_DIFFERENCES = ("ce.f1", "ce.precision", "ce.recall", "BLEU_4", "CIDEr")
+
+
+def headline_differences(bootstrap: dict | None) -> dict | None:
+    """The model minus each baseline on the headline metrics, with the paired 95% CI and the share of
+    resamples where the difference is <= 0 (the full set of differences is in details.json)."""
+    if not bootstrap:
+        return None
+    out = {}
+    for name, diffs in bootstrap["paired"].items():
+        out[name] = {}
+        for key in HEADLINE_DIFFERENCES:
+            d = diffs
+            for part in key.split("."):
+                d = d.get(part, {}) if isinstance(d, dict) else {}
+            if d:
+                out[name][key] = {k: round(v, 4) for k, v in d.items()}
+    return out
+
+
 def collapse_warning(scores: Scores, guard: dict) -> str | None:
     """A warning when the model does not beat the most frequent report on CE F1 (the paired 95% CI of
     model - most_frequent does not lie above 0), or writes fewer distinct reports than 1 in 10 studies."""
@@ -147,7 +174,8 @@ def _headline(s: dict) -> dict:
 def build_result(scores: Scores, ev, seed: int, *, phantom: bool, n_test: int, classifier_test: dict,
                  timings: dict, guard: dict | None = None, labels=None) -> dict:
     """``eval/metrics.json``: headline scores of the model and baselines, 95% CIs, protocol, convention,
-    the template-collapse guard (distinct ratio and vocabulary; prevalences go to details.json)."""
+    the paired differences of the headline metrics (model minus each baseline) and the template-collapse
+    guard of every system (distinct ratio, vocabulary, per-label predicted vs reference prevalence)."""
     model = scores.systems["model"]
     protocol_ = protocol(ev.nlg_tokenization, ev.meteor)
     if ev.reference_max_tokens:
@@ -169,7 +197,8 @@ def build_result(scores: Scores, ev, seed: int, *, phantom: bool, n_test: int, c
         "baselines": {name: _headline(s.scores) for name, s in scores.systems.items() if name != "model"},
         "ci95": scores.bootstrap["ci"] if scores.bootstrap else None,
         "classifier_test": {"mean_auroc": classifier_test["mean_auroc"], "mean_ap": classifier_test["mean_ap"]},
-        **({"template_guard": {n: {k: v for k, v in g.items() if k != "prevalence"} for n, g in guard.items()},
+        "paired": headline_differences(scores.bootstrap),
+        **({"template_guard": {n: compact_guard(g) for n, g in guard.items()},
             "warning": collapse_warning(scores, guard)} if guard is not None else {}),
         **timings, **scores.seconds,
     }
@@ -280,6 +309,10 @@ def summary(result: dict, report_path) -> str:
     if result.get("ci_method"):
         lines.append(f"95% CIs: paired bootstrap, {result['ci_method']['resamples']} resamples of the test studies "
                      "(METEOR has none)")
+    for name, d in (result.get("paired") or {}).items():
+        if "ce.f1" in d:
+            f1 = d["ce.f1"]
+            lines.append(f"model - {name}, CE F1: {f1['diff']:+.3f} (95% CI [{f1['lo']:+.3f}, {f1['hi']:+.3f}])")
     if result.get("warning"):
         lines.append(f"WARNING: {result['warning']}")
     lines.append(f"classifier test mean AUROC: {result['classifier_test']['mean_auroc']:.3f}")

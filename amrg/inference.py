@@ -61,14 +61,14 @@ class Run:
         from .models.features import iter_study_features
 
         return iter_study_features(self.classifier, pixels, view_rows, self.spec.visual_pool, self.device,
-                                   self.precision, batch_size)
+                                   self.precision, batch_size, self.spec.views)
 
     def features(self, pixels: torch.Tensor, view_rows: np.ndarray, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Frozen stage-1 inputs of the generator for studies ``view_rows (S, 2)`` of uint8 ``pixels``."""
         from .models.features import study_features
 
         return study_features(self.classifier, pixels, view_rows, self.spec.visual_pool, self.device,
-                              self.precision, batch_size)
+                              self.precision, batch_size, self.spec.views)
 
     @torch.no_grad()
     def generate(self, f: torch.Tensor, fd: torch.Tensor, decode, batch_size: int, desc: str = "generate") -> list[str]:

@@ -3,7 +3,8 @@
 - :class:`ClassifierTask`: stage 1 (paper III-B), eq. 11 on every image of the training studies,
   validated by BCE and mean AUROC on the validation images.
 - :class:`GeneratorTask`: stage 2 (paper III-C/D), eq. 12 on precomputed stage-1 features, validated
-  by the token-mean loss and by BLEU-4 of greedy validation reports; optionally with seed 004's
+  by the token-mean loss and by BLEU-4, CIDEr, CE F1 and the distinct ratio of the validation reports
+  (greedy, or decoded with the ``decode`` section); optionally with seed 004's
   bidirectional objectives (``vtc_weight * VTC + tvc_weight * TVC + rec_weight * REC``,
   :mod:`amrg.models.bidirectional`), whose training-only heads the task owns.
 """
@@ -14,9 +15,11 @@ import numpy as np
 import torch
 
 from . import dist
-from .config import Decode
+from .config import Decode, Labels
 from .io import autocast, progress
-from .metrics import nlg_scores
+from .labels import label
+from .metrics import ce_scores, nlg_scores
+from .metrics.nlg import distinct_ratio
 from .metrics.classification import multilabel_metrics
 from .models.classifier import classifier_loss, predict_proba
 
@@ -47,14 +50,21 @@ def as_batch(batch):
 class ClassifierTask:
     """uint8 ``pixels (N, S, S)`` (a tensor or :class:`amrg.data.store.TensorRows`), binary ``targets (N, 14)``;
     ``train``/``val`` are image rows. :meth:`loader` reads training batches ahead of the step
-    (``loader_workers`` processes, pinned memory on CUDA); pixels are normalised on the device."""
+    (``loader_workers`` processes, pinned memory on CUDA); pixels are normalised on the device.
+    ``ortho_on`` (``classifier.ortho_on``): eq. 11's orthogonality term on the disease ``queries`` or on
+    each image's disease ``features``. :meth:`validate` also reports the mean BCE and orthogonality terms
+    of the training batches since its last call (this rank's, since the resume point of a resumed epoch)."""
 
     def __init__(self, model, pixels, targets: torch.Tensor, train: np.ndarray, val: np.ndarray,
                  ortho_weight: float, pos_weight: torch.Tensor | None, batch_size: int, device: torch.device,
-                 precision: str, loader_workers: int = 0):
+                 precision: str, loader_workers: int = 0, ortho_on: str = "queries"):
+        if ortho_on not in ("queries", "features"):
+            raise ValueError(f"ortho_on must be queries or features, not {ortho_on!r}")
         self.model, self.pixels, self.targets, self.train, self.val = model, pixels, targets, train, val
         self.ortho_weight, self.pos_weight, self.batch_size = ortho_weight, pos_weight, batch_size
         self.device, self.precision, self.loader_workers = device, precision, loader_workers
+        self.ortho_on = ortho_on
+        self.terms = np.zeros(3)  # Σ bce·n, Σ ortho·n, Σ n over the training batches since validate()
 
     def loader(self, shards: list[torch.Tensor]) -> torch.utils.data.DataLoader:
         workers = self.loader_workers
@@ -68,9 +78,12 @@ class ClassifierTask:
     def batch_loss(self, net: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         pixels, targets = batch
         with autocast(self.device, self.precision):
-            logits = net(pixels.to(self.device, non_blocking=True)).float()
-        return classifier_loss(logits, targets.to(self.device, non_blocking=True), self.model.qformer.queries,
-                               self.ortho_weight, self.pos_weight)[0]
+            logits, features = net(pixels.to(self.device, non_blocking=True), with_features=True)
+        rows = features.float() if self.ortho_on == "features" else self.model.qformer.queries
+        loss, parts = classifier_loss(logits.float(), targets.to(self.device, non_blocking=True), rows,
+                                      self.ortho_weight, self.pos_weight)
+        self.terms += np.array([parts["bce"], parts["ortho"], 1.0]) * len(targets)
+        return loss
 
     def probabilities(self, rows: np.ndarray) -> np.ndarray:
         return predict_proba(self.model, self.pixels, rows, self.device, self.precision, self.batch_size)
@@ -80,7 +93,10 @@ class ClassifierTask:
         bce = torch.nn.functional.binary_cross_entropy(torch.from_numpy(probs).clamp(1e-6, 1 - 1e-6), t)
         m = multilabel_metrics(t.numpy(), probs)
         per_label = {f"val_auroc_label/{k}": v["auroc"] for k, v in m["per_label"].items() if v["auroc"] is not None}
-        return {"val_loss": float(bce), "val_auroc": m["mean_auroc"] or 0.0, **per_label}
+        bce_sum, ortho_sum, n = self.terms
+        self.terms = np.zeros(3)
+        train = {"train_bce": float(bce_sum / n), "train_ortho": float(ortho_sum / n)} if n else {}
+        return {"val_loss": float(bce), "val_auroc": m["mean_auroc"] or 0.0, **train, **per_label}
 
 
 TOKENIZE_BLOCK = 4096  # reports tokenized at a time: Python token lists exist for one block only
@@ -108,15 +124,46 @@ def tokenize_reports(tokenizer, reports: list[str], max_tokens: int) -> tuple[to
     return out, mask
 
 
+BLEU4_CIDER_WEIGHTS = {"BLEU_4": 0.5, "CIDEr": 0.5}
+"""R2GenGPT's validation score: ``--scorer_types ['Bleu_4', 'CIDEr']`` with ``--weights [0.5, 0.5]``
+(wang-zhanyu/R2GenGPT:configs/config.py, summed in models/R2GenGPT.py::on_validation_epoch_end). The
+released AM-MRG code keeps the weights but scores ``['Bleu_4']`` only
+(Event-AHU/Medical_Image_Analysis:AM_MRG/configs/config.py): its selection is BLEU-4's."""
+
+
+def bleu4_cider(nlg: dict[str, float]) -> float:
+    """``val_bleu4_cider`` = 0.5 BLEU-4 + 0.5 CIDEr of :func:`amrg.metrics.nlg_scores`' output (R2GenGPT)."""
+    return sum(w * nlg[k] for k, w in BLEU4_CIDER_WEIGHTS.items())
+
+
+def word_dropout(ids: torch.Tensor, mask: torch.Tensor, rate: float, unk_id: int) -> torch.Tensor | None:
+    """Word dropout (Bowman et al. 2016, "Generating sentences from a continuous space", sec. 3.3): each
+    real report token the LLM *reads* under teacher forcing is replaced by ``unk_id`` with probability
+    ``rate`` (global torch RNG, which :func:`amrg.train.fit` seeds and checkpoints); the targets are
+    unchanged. A decoder that cannot trust its own history must read the image prefix to predict the next
+    token, which is what keeps it from writing the same report for every study. None at ``rate = 0``."""
+    if rate <= 0:
+        return None
+    drop = (torch.rand(ids.shape) < rate) & (mask > 0)
+    return ids.masked_fill(drop, unk_id)
+
+
 class GeneratorTask:
     """``features[split] = (F, F_d)`` of the split's studies, ``reports[split]`` their reference texts.
+
+    :meth:`validate` decodes every val study (``select_decode``: ``greedy`` up to ``max_tokens``, or
+    ``configured``: with ``decode``, the evaluate stage's beams, lengths and penalties) and returns
+    ``val_loss``, ``val_bleu4``, ``val_cider``, ``val_bleu4_cider`` (:func:`bleu4_cider`), ``val_ce_f1`` (the
+    headline CE F1 of :func:`amrg.metrics.ce_scores`, reports and references labelled by ``labels.labeler``,
+    under ``ce_uncertain_as`` / ``ce_labels``, as evaluate scores the test split) and ``val_distinct`` (the
+    template guard's share of distinct reports); ``generator.select`` names the one that keeps an epoch.
 
     The bidirectional objectives (seed 004): ``aux`` is the training-only heads module
     (:class:`amrg.models.bidirectional.AuxiliaryObjectives`, None when TVC and REC are off: then
     :attr:`trainee` is ``model`` itself and everything runs as without them), ``rec_targets[split]``
     the REC targets ``(S, V, H, W)`` of the split's studies. The loss is
     ``vtc_weight * VTC + tvc_weight * TVC + rec_weight * REC``; ``val_loss`` stays the VTC report loss
-    (token mean), so the kept-epoch selection (val_loss / val_bleu4) means what it meant. Unless the
+    (token mean), so the kept-epoch selection (``generator.select``) means what it meant. Unless the
     objective is plain VTC, :meth:`validate` also returns every term: ``train_<term>`` (the mean over the
     batches this process ran since the previous validation: the epoch, or its rest after a resume) and
     ``val_<term>``; VTC is token-weighted, TVC and REC are per-study means.
@@ -125,11 +172,23 @@ class GeneratorTask:
     def __init__(self, model, features: dict[str, tuple[torch.Tensor, torch.Tensor]], reports: dict[str, list[str]],
                  max_tokens: int, batch_size: int, device: torch.device, precision: str, *, vtc_weight: float = 1.0,
                  tvc_weight: float = 0.0, rec_weight: float = 0.0, aux=None,
-                 rec_targets: dict[str, torch.Tensor] | None = None):
+                 rec_targets: dict[str, torch.Tensor] | None = None, labels: Labels = Labels(),
+                 ce_uncertain_as: str = "negative", ce_labels: str = "all14", decode: Decode | None = None,
+                 select_decode: str = "greedy", word_dropout: float = 0.0):
         self.model, self.features, self.reports = model, features, reports
+        self.word_dropout = word_dropout
+        tok = model.tokenizer
+        self.unk_id = tok.unk_token_id if tok.unk_token_id is not None else tok.pad_token_id
         self.ids = {split: tokenize_reports(model.tokenizer, texts, max_tokens) for split, texts in reports.items()}
         self.greedy = Decode(num_beams=1, max_new_tokens=max_tokens, min_new_tokens=1)
         self.batch_size, self.device, self.precision = batch_size, device, precision
+        if select_decode not in ("greedy", "configured") or (select_decode == "configured" and decode is None):
+            raise ValueError(f"select_decode must be 'greedy' or 'configured' (with a decode section); got "
+                             f"{select_decode!r}, decode {decode!r}")
+        self.val_decode = self.greedy if select_decode == "greedy" else decode  # the validation reports' decoding
+        # CE as evaluate scores it: the configured labeler on both sides, ce_scores under evaluate's convention
+        self.labels, self.ce_uncertain_as, self.ce_labels = labels, ce_uncertain_as, ce_labels
+        self.ref_labels = self.labeler(reports["val"])  # the reference val reports' labels, once
         self.weights = {"vtc": vtc_weight, "tvc": tvc_weight, "rec": rec_weight}
         on = {k for k in ("tvc", "rec") if self.weights[k] > 0}
         built = set() if aux is None else {k for k in ("tvc", "rec") if getattr(aux, k) is not None}
@@ -146,6 +205,11 @@ class GeneratorTask:
         self._train_sums = torch.zeros(2 * 3, dtype=torch.float64)  # per term: sum of value x weight, sum of weights
         self._last: dict[str, float] = {}
 
+    def labeler(self, texts: list[str]) -> np.ndarray:
+        """CheXpert-14 labels of ``texts`` with the configured labeler (``labels.labeler``), called as the
+        evaluate stage calls it."""
+        return label(texts, self.labels.labeler, device=str(self.device), **self.labels.options())
+
     def split_state(self, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """fit's kept weights -> (the generator's, as ``weights.safetensors`` holds them; the auxiliary heads')."""
         return (state, {}) if self.aux is None else self.trainee.split_state(state)
@@ -156,10 +220,13 @@ class GeneratorTask:
         (f, fd), (tok, mask) = self.features[split], self.ids[split]
         width = int(mask[b].sum(1).max())
         n = int(mask[b].sum())
+        read = word_dropout(tok[b, :width], mask[b, :width], self.word_dropout if split == "train" else 0.0,
+                            self.unk_id)
+        read = {} if read is None else {"input_ids": read.to(self.device)}
         if self.aux is None:
             with autocast(self.device, self.precision):
                 loss = net(f[b].to(self.device), fd[b].to(self.device), tok[b, :width].to(self.device),
-                           mask[b, :width].to(self.device)).float()
+                           mask[b, :width].to(self.device), **read).float()
             if self.terms:
                 self._last = {"vtc": float(loss.detach())}
                 loss = self.weights["vtc"] * loss
@@ -173,7 +240,7 @@ class GeneratorTask:
             extra["rec_target"] = self.rec_targets[split][b].to(self.device)
         with autocast(self.device, self.precision):
             out = net(f[b].to(self.device), fd[b].to(self.device), tok[b, :width].to(self.device),
-                      mask[b, :width].to(self.device), **extra)
+                      mask[b, :width].to(self.device), **extra, **read)
         out = {k: v.float() for k, v in out.items()}
         self._last = {k: float(v.detach()) for k, v in out.items()}
         aux = sum(self.weights[k] * out[k] for k in out if k != "vtc")
@@ -224,9 +291,11 @@ class GeneratorTask:
                 loss = self._last["vtc"]  # val_loss is the VTC report loss, whatever the weights
             total, n_tokens = total + float(loss) * n, n_tokens + n
             with autocast(self.device, self.precision):
-                hyps += self.model.generate(f[b].to(self.device), fd[b].to(self.device), self.greedy)
-        out = {"val_loss": total / max(n_tokens, 1),
-               "val_bleu4": nlg_scores(self.reports["val"], hyps, meteor=False)["BLEU_4"]}
+                hyps += self.model.generate(f[b].to(self.device), fd[b].to(self.device), self.val_decode)
+        nlg = nlg_scores(self.reports["val"], hyps, meteor=False)
+        ce = ce_scores(self.labeler(hyps), self.ref_labels, uncertain_as=self.ce_uncertain_as, labels=self.ce_labels)
+        out = {"val_loss": total / max(n_tokens, 1), "val_bleu4": nlg["BLEU_4"], "val_cider": nlg["CIDEr"],
+               "val_bleu4_cider": bleu4_cider(nlg), "val_ce_f1": ce["f1"], "val_distinct": distinct_ratio(hyps)}
         if self.terms:
             train = dist.all_reduce_sum(self._train_sums)
             self._train_sums = torch.zeros_like(self._train_sums)

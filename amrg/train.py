@@ -75,9 +75,31 @@ class FitResult:
     best: dict  # the history row of the kept epoch
 
 
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int,
+                  weights: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """An epoch's batches of training rows: a seeded permutation of the ``n`` rows, or with ``weights``
+    ``n`` rows drawn with replacement in proportion to them (:func:`balanced_weights`)."""
     g = torch.Generator().manual_seed(seed * 1000 + epoch)
-    return list(torch.randperm(n, generator=g).split(batch_size))
+    if weights is None:
+        return list(torch.randperm(n, generator=g).split(batch_size))
+    return list(torch.multinomial(weights.double(), n, replacement=True, generator=g).split(batch_size))
+
+
+def balanced_weights(labels, exponent: float) -> torch.Tensor | None:
+    """Class-balanced sampling weights of training studies (repeat-factor sampling, Gupta et al. 2019,
+    LVIS sec. 4): ``labels (N, K)`` binary; a study's weight is the largest ``(N / n_k) ** exponent`` over its
+    positive labels k (a study without any gets weight 1; ``n_k`` positives of label k). Exponent 0 (or no
+    positive anywhere): None, uniform epochs. Rare findings are then seen more often than the most frequent
+    report, so greedy decoding is not pulled to it by the training prior alone."""
+    if exponent <= 0:
+        return None
+    labels = torch.as_tensor(labels, dtype=torch.float64) > 0
+    counts = labels.sum(0).double()
+    if not counts.any():
+        return None
+    factor = torch.where(counts > 0, len(labels) / counts.clamp(min=1), torch.zeros_like(counts)) ** exponent
+    w = (labels * factor).amax(1)
+    return torch.where(w > 0, w, torch.ones_like(w))
 
 
 def shard(batch: torch.Tensor, ctx: dist.Context) -> tuple[torch.Tensor, bool]:
@@ -91,7 +113,8 @@ def fit(model: torch.nn.Module, n_train: int,
         batch_loss: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor | tuple[torch.Tensor, int]],
         validate: Callable[[], dict[str, float]], cfg: LoopConfig, checkpoint: Path, fingerprint: str,
         selection: Selection = Selection("val_loss", "min"),
-        loader: Callable[[list[torch.Tensor]], Iterable] | None = None) -> FitResult:
+        loader: Callable[[list[torch.Tensor]], Iterable] | None = None,
+        sample_weights: torch.Tensor | None = None) -> FitResult:
     """Train ``model``'s trainable parameters; return the kept epoch's weights, the per-epoch history
     and the kept epoch's history row (``selection``).
 
@@ -136,7 +159,7 @@ def fit(model: torch.nn.Module, n_train: int,
                                      "scheduler": sched.state_dict(), "rng": torch.get_rng_state(), "loop": state})
 
     while state["epoch"] < cfg.epochs:
-        batches = epoch_batches(n_train, cfg.batch_size, cfg.seed, state["epoch"])
+        batches = epoch_batches(n_train, cfg.batch_size, cfg.seed, state["epoch"], sample_weights)
         model.train()
         running = torch.zeros(2, dtype=torch.float64)  # Σ loss·items, Σ items (this rank)
         todo = range(state["batch"], len(batches))

@@ -1,10 +1,12 @@
 """Stage train_classifier (paper III-B, eq. 11): Swin encoder -> Q-Former (14 disease queries) -> head.
 
 Trains on every image of the training studies (each image carries its study's labels) with BCE +
-orthogonality loss (:class:`amrg.tasks.ClassifierTask`), keeps the epoch with the best validation mean
-AUROC, and writes the weights (safetensors), the architecture spec, validation metrics and the
-loss/AUROC history. The input size is the preprocessed images' own. Runs data-parallel under torchrun
-when ``runtime.num_processes > 1`` (:mod:`amrg.dist`).
+orthogonality loss (:class:`amrg.tasks.ClassifierTask`; ``classifier.ortho_on``: on the queries or on each
+image's disease features), keeps the epoch with the best validation mean AUROC, and writes the weights
+(safetensors), the architecture spec, validation metrics and the loss/AUROC history (with each epoch's
+mean BCE and orthogonality terms). The Q-Former is ``qformer.kind`` (scratch, or BLIP-2's, optionally
+initialised from ``qformer.pretrained``). The input size is the preprocessed images' own. Runs
+data-parallel under torchrun when ``runtime.num_processes > 1`` (:mod:`amrg.dist`).
 """
 
 from __future__ import annotations
@@ -32,12 +34,14 @@ def main(argv: list[str] | None = None) -> None:
     pixels = images.pixels  # read by batch from the pixel store, never copied whole
     train, val = np.flatnonzero(images.split == "train"), np.flatnonzero(images.split == "val")
 
+    q = params.qformer
     spec = ClassifierSpec(params.vision.name, dict(params.vision.kwargs), int(pixels.shape[-1]),
-                          params.qformer.dim, params.qformer.layers, params.qformer.heads, params.qformer.n_queries)
-    model = DiseaseClassifier(spec, params.vision.pretrained, params.vision.checkpoint).to(device)
+                          q.dim, q.layers, q.heads, q.n_queries, q.kind, q.cross_attention_frequency)
+    model = DiseaseClassifier(spec, params.vision.pretrained, params.vision.checkpoint, q.pretrained).to(device)
+    spec = model.spec  # a BLIP-2 Q-Former's spec holds its config
     pos_weight = positive_weights(targets[train], c.pos_weight_cap).to(device) if c.pos_weight else None
     task = ClassifierTask(model, pixels, targets, train, val, c.ortho_weight, pos_weight, c.batch_size, device,
-                          params.runtime.precision, params.runtime.loader_workers)
+                          params.runtime.precision, params.runtime.loader_workers, c.ortho_on)
 
     loop = LoopConfig(c.epochs, c.batch_size, c.lr, c.weight_decay, c.warmup_steps, 1, c.checkpoint_every,
                       params.runtime.seed)
@@ -55,7 +59,8 @@ def main(argv: list[str] | None = None) -> None:
     write_json(layout.classifier_config, {"spec": spec.to_dict(), "uncertain_as": c.uncertain_as})
     write_json(out / "metrics.json", {"phantom_images": layout.is_phantom(), "val_mean_auroc": val_metrics["mean_auroc"],
                                       "val_mean_ap": val_metrics["mean_ap"], "epochs": len(fitted.history),
-                                      "best_epoch": fitted.best["epoch"],
+                                      "best_epoch": fitted.best["epoch"], "ortho_on": c.ortho_on,
+                                      "train_ortho": fitted.best.get("train_ortho"),
                                       "train_images_per_s": round(len(train) * len(fitted.history) / train_seconds, 1),
                                       "val": val_metrics})
     log_history(out, fitted.history)

@@ -129,7 +129,10 @@ def test_weights_zero_train_bit_for_bit_as_before(tmp_path):
             assert task.split_state(res.best_state)[0] is res.best_state
         runs.append(res)
     for res in runs[1:]:
-        assert res.history == runs[0].history  # the same floats, the same keys (no per-term columns)
+        # the same floats; the same keys (no per-term columns) beside the later selection metrics (test_selection)
+        assert [{k: h[k] for k in runs[0].history[0]} for h in res.history] == runs[0].history
+        assert set(res.history[0]) - set(runs[0].history[0]) == {"val_cider", "val_bleu4_cider", "val_ce_f1",
+                                                                 "val_distinct"}
         assert res.best_state.keys() == runs[0].best_state.keys()
         for k in res.best_state:
             assert torch.equal(res.best_state[k], runs[0].best_state[k]), k

@@ -92,9 +92,10 @@ def test_every_params_key_is_read_by_a_stage_or_untracked_with_a_reason():
 
 # key -> a new value, and the stages that must rerun (none: a knob that cannot change a result)
 PER_KEY = [
-    ("runtime.seed", 7, {"preprocess", "train_classifier", "encode_report_bank", "train_generator", "evaluate",
-                         "score"}),
-    ("runtime.precision", "bf16", {"train_classifier", "mine_cam", "encode_visual_bank", "train_generator", "evaluate"}),
+    ("runtime.seed", 7, {"preprocess", "train_classifier", "mine_cam", "encode_report_bank", "train_generator",
+                         "evaluate", "score"}),
+    ("runtime.precision", "bf16", {"train_classifier", "mine_cam", "encode_visual_bank", "encode_report_bank",
+                                   "train_generator", "evaluate"}),
     ("runtime.num_threads", 1, set()),
     ("runtime.num_processes", 2, set()),
     ("runtime.device", "cpu", set()),
@@ -107,7 +108,7 @@ PER_KEY = [
     ("runtime.loader_workers", 2, set()),
     ("labels.source", "dataset", {"preprocess"}),
     ("data.max_studies", 5, {"preprocess"}),
-    ("labels.chexbert_tokenizer", "bert-base-uncased", {"preprocess", "evaluate"}),
+    ("labels.chexbert_tokenizer", "bert-base-uncased", {"preprocess", "train_generator", "evaluate"}),
     ("classifier.lr", 0.01, {"train_classifier"}),
     ("classifier.checkpoint_every", 7, set()),
     ("cam.tau", 0.6, {"mine_cam", "evaluate"}),
@@ -116,11 +117,19 @@ PER_KEY = [
     ("banks.report.size", 10, {"encode_report_bank"}),
     ("banks.index.nprobe", 4, {"train_generator"}),
     ("hopfield.beta", 8.0, {"train_generator"}),
+    ("hopfield.scaling", "beta", {"train_generator"}),
+    ("qformer.kind", "blip2", {"train_classifier"}),
+    ("cam.max_patches", 6, {"mine_cam"}),
+    ("banks.visual.unit", "patch", {"encode_visual_bank"}),
+    ("banks.report.pooling", "cls", {"encode_report_bank"}),
+    ("generator.views", "mean", {"train_generator"}),
+    ("generator.word_dropout", 0.25, {"train_generator"}),
+    ("decode.length_penalty", 2.0, {"train_generator", "evaluate"}),
     ("llm.gradient_checkpointing", True, set()),
     ("generator.epochs", 1, {"train_generator"}),
     ("generator.tvc_weight", 1.0, {"train_generator"}),
     ("generator.checkpoint_every", 7, set()),
-    ("decode.num_beams", 3, {"evaluate"}),
+    ("decode.num_beams", 3, {"train_generator", "evaluate"}),  # train_generator: select_decode=configured
     ("evaluate.bootstrap", 10, {"evaluate", "score"}),  # score's CIs use evaluate's resamples
     ("evaluate.reference_max_tokens", 60, {"evaluate"}),
     ("score.bertscore_layer", 3, {"score"}),

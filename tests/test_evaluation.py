@@ -150,3 +150,17 @@ def test_every_headline_metric_has_provenance():
     assert prov["BLEU_4"] == {"paper_name": "BLEU-4", "direction": "higher is better", "computed_by": "pycocoevalcap 1.2"}
     assert set(registry.HEADLINE) <= set(prov) and all(prov[k]["direction"] for k in registry.HEADLINE)
     assert prov["labeler"]["labeler"] == "rules"
+
+
+def test_metrics_json_carries_the_headline_paired_differences_and_the_prevalences():
+    from amrg.evaluation import compact_guard, headline_differences
+
+    boot = {"paired": {"nearest_neighbour": {"BLEU_4": {"diff": 0.01, "lo": -0.002, "hi": 0.02, "p_le_0": 0.1},
+                                             "ce": {"f1": {"diff": 0.031234, "lo": 0.01, "hi": 0.05, "p_le_0": 0.0}}}}}
+    d = headline_differences(boot)["nearest_neighbour"]
+    assert d["ce.f1"] == {"diff": 0.0312, "lo": 0.01, "hi": 0.05, "p_le_0": 0.0}
+    assert d["BLEU_4"]["lo"] == -0.002 and "CIDEr" not in d  # absent metrics are left out, not invented
+    assert headline_differences(None) is None
+    g = compact_guard({"distinct_ratio": 0.5, "vocabulary": 9,
+                       "prevalence": {"Edema": {"predicted": 0.75, "reference": 0.5}}})
+    assert g == {"distinct_ratio": 0.5, "vocabulary": 9, "prevalence": {"Edema": [0.75, 0.5]}}

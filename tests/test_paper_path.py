@@ -5,10 +5,11 @@ import numpy as np
 import torch
 from transformers import BertConfig, BertModel, BertTokenizerFast, LlamaConfig, LlamaForCausalLM
 
-from amrg.config import Decode, Hopfield, Llm, load_params
+from amrg.config import Decode, Hopfield, Llm
 from amrg.models.hub import resolve_model_ref
 from amrg.models.llm import create_llm, train_word_tokenizer
 from amrg.models.text_encoder import SentenceEncoder
+from amrg.profiles import materialise
 from tests.test_training import make_generator
 
 REPORTS = ["the heart is normal . the lungs are clear .", "small left pleural effusion ."] * 3
@@ -34,7 +35,7 @@ def _tiny_bert(path):
 
 def test_pretrained_frozen_llm_by_path(tmp_path):
     _tiny_llama(tmp_path / "llm")
-    paper = load_params("configs/paper-iu.yaml").llm
+    paper = materialise("configs/paper-iu.yaml")[1].llm  # the profile over the embedded default (amrg.profiles)
     cfg = Llm(**{**paper.__dict__, "name": str(tmp_path / "llm")})
     assert cfg.source == "pretrained" and cfg.trainable == "none"
     gen = make_generator(cfg, torch.randn(5, 16), torch.randn(4, 24), Hopfield(dim=8), visual_dim=16, query_dim=8,

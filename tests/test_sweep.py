@@ -90,7 +90,7 @@ def test_grid_points_and_set_args(tmp_path):
     # the repository's own grid is valid against params.yaml
     paper = load_grid(ROOT / "sweeps" / "paper_tables.yaml")
     validate_points(paper, ROOT / "params.yaml")
-    assert set(paper.tables) == {"table_iv", "table_v", "table_vi", "table_vii"}
+    assert set(paper.tables) == {"table_iv", "table_v", "table_vi", "table_vii", "table_viii", "table_ix", "table_x"}
 
 
 def test_parse_queue_status():

@@ -120,40 +120,47 @@ def _batch(tok, n=2):
 
 
 def _prompt_embeddings(gen, tok):
-    """The prompt's token embeddings then BOS, from the tokenizer (not the model's stored ids)."""
-    ids = tok(PROMPT, add_special_tokens=False)["input_ids"] + [tok.bos_token_id]
+    """The prompt's token embeddings, from the tokenizer (not the model's stored ids)."""
+    ids = tok(PROMPT, add_special_tokens=False)["input_ids"]
     return gen.llm.get_input_embeddings()(torch.tensor(ids))
+
+
+def _bos_embedding(gen, tok):
+    return gen.llm.get_input_embeddings()(torch.tensor(tok.bos_token_id))
 
 
 @torch.no_grad()
 def test_prefix_layout_follows_eq10():
-    """eq. 10: [F (6 visual tokens), Q (14), F' (per disease k: V-Hopfield row, R-Hopfield row), prompt, BOS]."""
+    """eq. 10 in the default template: [BOS, F (6 visual tokens), Q (14), F' (per disease k: V-Hopfield row,
+    R-Hopfield row), prompt] (the template's text: tests/test_generator_input.py)."""
     gen, tok = _generator()
     f, fd, _, _ = _batch(tok)
     prompt = _prompt_embeddings(gen, tok)
     n_prompt = len(prompt)
     prefix = gen.prefix(f, fd)
-    assert prefix.shape == (2, 6 + 14 + 28 + n_prompt, 32)
-    torch.testing.assert_close(prefix[:, :6], gen.proj_visual(f))
-    torch.testing.assert_close(prefix[:, 6:20], gen.proj_query(fd))
+    assert prefix.shape == (2, 1 + 6 + 14 + 28 + n_prompt, 32)
+    torch.testing.assert_close(prefix[:, 0], _bos_embedding(gen, tok).expand(2, -1))
+    torch.testing.assert_close(prefix[:, 1:7], gen.proj_visual(f))
+    torch.testing.assert_close(prefix[:, 7:21], gen.proj_query(fd))
     v, r = gen.v_hopfield(fd), gen.r_hopfield(fd)
     assert v.shape == r.shape == (2, 14, 32) and not torch.allclose(v, r)
     for k in range(14):  # eq. 8-9, interleaved per disease
-        torch.testing.assert_close(prefix[:, 20 + 2 * k], v[:, k])
-        torch.testing.assert_close(prefix[:, 21 + 2 * k], r[:, k])
-    torch.testing.assert_close(prefix[:, 48:], prompt.expand(2, -1, -1))
+        torch.testing.assert_close(prefix[:, 21 + 2 * k], v[:, k])
+        torch.testing.assert_close(prefix[:, 22 + 2 * k], r[:, k])
+    torch.testing.assert_close(prefix[:, 49:], prompt.expand(2, -1, -1))
     # the same layout with one memory, and with none (Table IV ablations)
     gen_v, _ = _generator(report=False)
     prefix = gen_v.prefix(f, fd)
-    assert prefix.shape[1] == 6 + 14 + 14 + n_prompt
-    torch.testing.assert_close(prefix[:, :6], gen_v.proj_visual(f))
-    torch.testing.assert_close(prefix[:, 6:20], gen_v.proj_query(fd))
-    torch.testing.assert_close(prefix[:, 20:34], gen_v.v_hopfield(fd))
-    torch.testing.assert_close(prefix[:, 34:], _prompt_embeddings(gen_v, tok).expand(2, -1, -1))
+    assert prefix.shape[1] == 1 + 6 + 14 + 14 + n_prompt
+    torch.testing.assert_close(prefix[:, 0], _bos_embedding(gen_v, tok).expand(2, -1))
+    torch.testing.assert_close(prefix[:, 1:7], gen_v.proj_visual(f))
+    torch.testing.assert_close(prefix[:, 7:21], gen_v.proj_query(fd))
+    torch.testing.assert_close(prefix[:, 21:35], gen_v.v_hopfield(fd))
+    torch.testing.assert_close(prefix[:, 35:], _prompt_embeddings(gen_v, tok).expand(2, -1, -1))
     gen_0, _ = _generator(visual=False, report=False)
     prefix = gen_0.prefix(f, fd)
-    assert prefix.shape[1] == 6 + 14 + n_prompt
-    torch.testing.assert_close(prefix[:, 20:], _prompt_embeddings(gen_0, tok).expand(2, -1, -1))
+    assert prefix.shape[1] == 1 + 6 + 14 + n_prompt
+    torch.testing.assert_close(prefix[:, 21:], _prompt_embeddings(gen_0, tok).expand(2, -1, -1))
 
 
 def test_enhanced_tokens_interleave_v_and_r_per_disease():
@@ -191,16 +198,16 @@ def test_loss_is_eq12_cross_entropy_over_report_tokens_only():
         embeds = torch.cat([prefix, gen.llm.get_input_embeddings()(ids)], dim=1)
         attn = torch.cat([torch.ones(3, p, dtype=mask.dtype), mask], dim=1)
         logits = gen.llm(inputs_embeds=embeds, attention_mask=attn).logits.float()
-    # position t predicts token t+1: positions p-1 (BOS) .. p+n-2 predict report tokens 0 .. n-1
+    # position t predicts token t+1: positions p-1 (the last prompt token) .. p+n-2 predict report tokens 0 .. n-1
     keep = mask.bool()
     by_hand = torch.nn.functional.cross_entropy(logits[:, p - 1:p + n - 1][keep], ids[keep])
     assert loss.item() == pytest.approx(by_hand.item(), rel=1e-5)
-    # the comparison is sharp: reading the logits one position late (BOS not predicting the first
-    # report token), or also scoring the prompt (each prompt token predicting the next one, then BOS),
-    # gives another number
+    # the comparison is sharp: reading the logits one position late (the last prefix position not
+    # predicting the first report token), or also scoring the prompt (each prompt token predicting the
+    # next one), gives another number
     late = torch.nn.functional.cross_entropy(logits[:, p:p + n][keep], ids[keep])
     assert late.item() != pytest.approx(loss.item(), rel=1e-2)
-    prompt = torch.tensor(tok(PROMPT, add_special_tokens=False)["input_ids"] + [tok.bos_token_id])  # prefix's last rows
+    prompt = torch.tensor(tok(PROMPT, add_special_tokens=False)["input_ids"])  # the prefix's last rows
     q = p - len(prompt)
     with_prompt = torch.nn.functional.cross_entropy(
         torch.cat([logits[:, q:p - 1].reshape(-1, logits.shape[-1]), logits[:, p - 1:p + n - 1][keep]]),

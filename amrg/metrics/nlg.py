@@ -193,3 +193,9 @@ def _ptb_tokenize(texts: list[str]) -> list[str]:
     if sorted(tokenized) != list(range(len(texts))) or any(len(v) != 1 for v in tokenized.values()):
         raise RuntimeError("PTBTokenizer returned misaligned output (one line per text was expected)")
     return [tokenized[i][0] for i in range(len(texts))]
+
+
+def distinct_ratio(texts: list[str]) -> float:
+    """The share of distinct texts among ``texts`` (1/N when one report is written for every study: template
+    collapse, whatever BLEU says); the template guard's statistic, 0.0 for no texts."""
+    return len(set(texts)) / max(len(texts), 1)

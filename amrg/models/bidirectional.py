@@ -222,9 +222,10 @@ class Bidirectional(nn.Module):
         self.generator, self.aux = generator, aux
 
     def forward(self, visual_tokens, disease_features, report_ids, report_mask, text=None,
-                rec_target=None) -> dict[str, torch.Tensor]:
+                rec_target=None, input_ids=None) -> dict[str, torch.Tensor]:
         e_v = self.generator.visual_embeds(visual_tokens)
-        out = {"vtc": self.generator(visual_tokens, disease_features, report_ids, report_mask, visual=e_v)}
+        out = {"vtc": self.generator(visual_tokens, disease_features, report_ids, report_mask, visual=e_v,
+                                     input_ids=input_ids)}
         if self.aux.tvc is not None:
             out["tvc"] = tvc_loss(*self.aux.tvc(self.generator.llm, *text, e_v))
         if self.aux.rec is not None:

@@ -1,11 +1,16 @@
 """Associative-memory report generator (paper III-C/D, eq. 8-10, 12).
 
-Per study: projected visual tokens F (both views), Q-Former query tokens Q (the 14 disease features
-F_d projected), enhanced tokens F' = per disease [V-Hopfield(F_d[k]), R-Hopfield(F_d[k])] (eq. 8-9,
-2 x 14 rows), the prompt's token embeddings, then BOS + report. All enter the LLM as
-``inputs_embeds``; the loss covers report tokens only (eq. 12). Ablations: a Hopfield whose bank is
-``None`` is switched off (Table IV rows #01-#04). ``hopfield.top_k`` with ``index`` (the
-``banks.index`` options) retrieves from each bank's faiss top-k instead of the whole bank. Seed 004's
+Per study the LLM reads ``[BOS, text before, F, Q, F', text after]`` then the report + EOS, all as
+``inputs_embeds``: the texts are the ``generator.prompt_template`` around its ``{image}``, with
+``{prompt}`` replaced by the prompt (default ``"{image} {prompt}"``: [BOS, F, Q, F', prompt]; R2GenGPT's and
+the released code's chat wrapper ``"Human: <Img>{image}</Img> {prompt} \\nAssistant:"``). The image part is
+the projected visual tokens F (both views, or their mean: :func:`amrg.models.features.visual_tokens`),
+the Q-Former query tokens Q (the 14 disease features F_d projected) and the enhanced tokens F' = per
+disease [V-Hopfield(F_d[k]), R-Hopfield(F_d[k])] (eq. 8-9, 2 x 14 rows), optionally under one LayerNorm
+(``generator.embed_norm``, the released code's ``layer_norm``). The loss covers report tokens only
+(eq. 12). Ablations: a Hopfield whose bank is ``None`` is switched off (Table IV rows #01-#04).
+``hopfield.top_k`` with ``index`` (the ``banks.index`` options) retrieves from each bank's faiss top-k
+instead of the whole bank. Seed 004's
 training-only objectives (:mod:`amrg.models.bidirectional`) regularise :meth:`ReportGenerator.visual_embeds`
 from outside this module; generation never runs them.
 """
@@ -20,6 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from ..config import DEFAULT_TEMPLATE, TEMPLATE_IMAGE, TEMPLATE_PROMPT
 from .hopfield import HopfieldRetrieval
 
 if TYPE_CHECKING:
@@ -39,7 +45,9 @@ def llm_dtype(llm, precision: str, device: torch.device) -> str:
 class GeneratorSpec:
     """Everything needed to rebuild a trained generator besides its weights and banks (written to
     ``generator/config.json``): the LLM section, the Hopfield memories and their index, the prompt,
-    the visual pooling, the input widths and the LLM's weight dtype."""
+    the visual pooling, the input widths, the LLM's weight dtype, the prompt template, the image-part
+    LayerNorm and how the views' visual tokens are combined (a spec saved before a field existed loads
+    with its default)."""
 
     llm: Llm
     hopfield: Hopfield
@@ -49,6 +57,9 @@ class GeneratorSpec:
     visual_dim: int
     query_dim: int
     dtype: str = "fp32"  # the LLM's weight dtype: fp32 | bf16 (llm_dtype)
+    prompt_template: str = DEFAULT_TEMPLATE  # generator.prompt_template (split_template)
+    embed_norm: bool = False  # generator.embed_norm
+    views: str = "concat"  # generator.views: concat | mean (amrg.models.features.visual_tokens)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -68,9 +79,22 @@ def create_generator(spec: GeneratorSpec, visual_bank: torch.Tensor | None, repo
     with :meth:`ReportGenerator.load_trainable`. The banks are the switched-on memories (None: off)."""
     from .llm import create_llm
 
-    llm, tokenizer = create_llm(spec.llm, DTYPES[spec.dtype], train_texts=train_texts, prompt=spec.prompt, saved=saved)
+    llm, tokenizer = create_llm(spec.llm, DTYPES[spec.dtype], train_texts=train_texts, saved=saved,
+                                prompt=" ".join(split_template(spec.prompt_template, spec.prompt)))
     return ReportGenerator(llm, tokenizer, spec.visual_dim, spec.query_dim, visual_bank, report_bank, spec.hopfield,
-                           spec.prompt, dataclasses.asdict(spec.index))
+                           spec.prompt, dataclasses.asdict(spec.index), template=spec.prompt_template,
+                           embed_norm=spec.embed_norm)
+
+
+def split_template(template: str, prompt: str) -> tuple[str, str]:
+    """The prompt template's text before and after its ``{image}`` (where F, Q, F' go), ``{prompt}``
+    replaced by ``prompt`` wherever it is. Whitespace next to ``{image}`` only separates text from the
+    image and is dropped: ``"{image} {prompt}"`` gives ``("", prompt)``."""
+    if template.count(TEMPLATE_IMAGE) != 1 or template.count(TEMPLATE_PROMPT) != 1:
+        raise ValueError(f"the prompt template must contain {TEMPLATE_IMAGE} and {TEMPLATE_PROMPT} exactly once "
+                         f"(got {template!r})")
+    before, after = template.split(TEMPLATE_IMAGE)
+    return before.rstrip().replace(TEMPLATE_PROMPT, prompt), after.lstrip().replace(TEMPLATE_PROMPT, prompt)
 
 
 def enhanced_tokens(v_hopfield: nn.Module | None, r_hopfield: nn.Module | None,
@@ -83,48 +107,66 @@ def enhanced_tokens(v_hopfield: nn.Module | None, r_hopfield: nn.Module | None,
 
 class ReportGenerator(nn.Module):
     def __init__(self, llm, tokenizer, visual_dim: int, query_dim: int, visual_bank: torch.Tensor | None,
-                 report_bank: torch.Tensor | None, hopfield, prompt: str, index: dict | None = None):
+                 report_bank: torch.Tensor | None, hopfield, prompt: str, index: dict | None = None, *,
+                 template: str = DEFAULT_TEMPLATE, embed_norm: bool = False):
         super().__init__()
         self.llm, self.tokenizer = llm, tokenizer
         hidden = llm.config.hidden_size
         self.proj_visual = nn.Sequential(nn.LayerNorm(visual_dim), nn.Linear(visual_dim, hidden))
         self.proj_query = nn.Sequential(nn.LayerNorm(query_dim), nn.Linear(query_dim, hidden))
-        kw = dict(query_dim=query_dim, hidden_dim=hopfield.dim, out_dim=hidden, beta=hopfield.beta,
-                  steps=hopfield.steps, eta=hopfield.eta, top_k=hopfield.top_k, index=index)
-        self.v_hopfield = HopfieldRetrieval(memory=visual_bank, **kw) if visual_bank is not None else None
-        self.r_hopfield = HopfieldRetrieval(memory=report_bank, **kw) if report_bank is not None else None
-        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        self.register_buffer("prompt_ids", torch.tensor(ids + [tokenizer.bos_token_id]), persistent=False)
+        kw = dict(cfg=hopfield, query_dim=query_dim, out_dim=hidden, index=index)
+        self.v_hopfield = HopfieldRetrieval.from_config(memory=visual_bank, **kw) if visual_bank is not None else None
+        self.r_hopfield = HopfieldRetrieval.from_config(memory=report_bank, **kw) if report_bank is not None else None
+        self.embed_norm = nn.LayerNorm(hidden) if embed_norm else None  # the released code's layer_norm
+        # BOS first (a tokenizer without one, e.g. Qwen's, gives none), then the template's text around the image
+        bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+        before, after = (tokenizer(t, add_special_tokens=False)["input_ids"] if t else []
+                         for t in split_template(template, prompt))
+        self.register_buffer("before_ids", torch.tensor(bos + before, dtype=torch.long), persistent=False)
+        self.register_buffer("after_ids", torch.tensor(after, dtype=torch.long), persistent=False)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.llm.get_input_embeddings()(ids)
 
     def visual_embeds(self, visual_tokens: torch.Tensor) -> torch.Tensor:
-        """E_v: the visual tokens F as the LLM sees them, ``(B, N_VIEWS * T, hidden)`` (the visual mapper;
-        the seam where a generator-side vision encoder would go). The bidirectional objectives
+        """E_v: the visual tokens F as the LLM sees them, ``(B, N_F, hidden)`` (N_F = N_VIEWS * T, or T for
+        ``views = mean``): the visual mapper. The encoder whose tokens it maps is chosen at the seam
+        :func:`amrg.models.features.visual_tokens`. The bidirectional objectives
         (:mod:`amrg.models.bidirectional`) regularise exactly this tensor."""
         return self.proj_visual(visual_tokens)
 
-    def prefix(self, visual_tokens: torch.Tensor, disease_features: torch.Tensor,
-               visual: torch.Tensor | None = None) -> torch.Tensor:
-        """[F, Q, F', prompt, BOS] as embeddings ``(B, P, hidden)`` (eq. 10); ``visual``: E_v already
-        computed by :meth:`visual_embeds` (training with the bidirectional objectives shares it)."""
-        b = visual_tokens.shape[0]
+    def image_embeds(self, visual_tokens: torch.Tensor, disease_features: torch.Tensor,
+                     visual: torch.Tensor | None = None) -> torch.Tensor:
+        """The image part [F, Q, F'] of eq. 10, ``(B, N_F + 14 + 14 * n_on, hidden)`` float32, under one
+        LayerNorm when ``embed_norm``; ``visual``: see :meth:`prefix`."""
         parts = [self.visual_embeds(visual_tokens) if visual is None else visual, self.proj_query(disease_features)]
         if (enhanced := enhanced_tokens(self.v_hopfield, self.r_hopfield, disease_features)) is not None:
             parts.append(enhanced)
-        parts.append(self.embed(self.prompt_ids).unsqueeze(0).expand(b, -1, -1))
-        return torch.cat([p.to(parts[-1].dtype) for p in parts], dim=1)
+        image = torch.cat([p.float() for p in parts], dim=1)
+        return image if self.embed_norm is None else self.embed_norm(image)
 
-    def forward(self, visual_tokens, disease_features, report_ids, report_mask, visual=None) -> torch.Tensor:
+    def prefix(self, visual_tokens: torch.Tensor, disease_features: torch.Tensor,
+               visual: torch.Tensor | None = None) -> torch.Tensor:
+        """[BOS, text before, F, Q, F', text after] as embeddings ``(B, P, hidden)`` in the LLM's dtype
+        (eq. 10 inside the prompt template); ``visual``: E_v already computed by :meth:`visual_embeds`
+        (training with the bidirectional objectives shares it)."""
+        image = self.image_embeds(visual_tokens, disease_features, visual)
+        before, after = (self.embed(ids).unsqueeze(0).expand(image.shape[0], -1, -1)
+                         for ids in (self.before_ids, self.after_ids))
+        return torch.cat([before, image.to(before.dtype), after], dim=1)
+
+    def forward(self, visual_tokens, disease_features, report_ids, report_mask, visual=None,
+                input_ids=None) -> torch.Tensor:
         """eq. 12: mean next-token loss over the report tokens only (``report_ids`` end with EOS, no
-        BOS); prefix and prompt positions carry no loss. ``visual``: see :meth:`prefix`."""
+        BOS); prefix and prompt positions carry no loss. ``visual``: see :meth:`prefix`. ``input_ids``: the
+        report tokens the LLM reads when they differ from the targets (:func:`amrg.tasks.word_dropout`)."""
         prefix = self.prefix(visual_tokens, disease_features, visual)
-        embeds = torch.cat([prefix, self.embed(report_ids)], dim=1)
+        embeds = torch.cat([prefix, self.embed(report_ids if input_ids is None else input_ids)], dim=1)
         ones = torch.ones(prefix.shape[:2], dtype=report_mask.dtype, device=report_mask.device)
         mask = torch.cat([ones, report_mask], dim=1)
         ignore = torch.full(prefix.shape[:2], -100, dtype=report_ids.dtype, device=report_ids.device)
-        # position p predicts token p+1: the last prefix position (BOS) predicts the first report token
+        # position p predicts token p+1: the last prefix position (the template's last text token, or the
+        # last image token when no text follows the image) predicts the first report token
         labels = torch.cat([ignore, report_ids.masked_fill(report_mask == 0, -100)], dim=1)
         return self.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
 
@@ -132,11 +174,14 @@ class ReportGenerator(nn.Module):
     def generate(self, visual_tokens, disease_features, decode) -> list[str]:
         prefix = self.prefix(visual_tokens, disease_features)
         mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
+        # length_penalty scores finished beams; HF ignores it (with a warning) in greedy decoding
+        beams = {"length_penalty": decode.length_penalty} if decode.num_beams > 1 else {}
         out = self.llm.generate(inputs_embeds=prefix, attention_mask=mask, num_beams=decode.num_beams,
                                 max_new_tokens=decode.max_new_tokens, min_new_tokens=decode.min_new_tokens,
                                 repetition_penalty=decode.repetition_penalty,
                                 no_repeat_ngram_size=decode.no_repeat_ngram_size, do_sample=False,
-                                eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id)
+                                eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+                                **beams)
         return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:

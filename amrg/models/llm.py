@@ -2,7 +2,9 @@
 
 ``llm.source = pretrained`` loads ``llm.name`` (paper: ``meta-llama/Llama-2-7b-hf``) with its tokenizer.
 ``llm.source = scratch`` builds a ``LlamaForCausalLM`` of the configured size and trains a word-level
-tokenizer on the *training* reports (plus the prompt's words): the embedded default. Both are then
+tokenizer on the *training* reports (plus the words of the prefix's fixed text: the prompt template
+with its prompt): the embedded default. ``llm.trust_remote_code`` lets a pretrained LM's repository
+run its own code (InternLM and other models outside transformers). Both are then
 driven identically through ``inputs_embeds`` by :class:`~amrg.models.generator.ReportGenerator`.
 ``llm.trainable = none`` freezes every LLM weight (paper); ``lora`` adds trainable low-rank adapters
 (``peft``; ``llm.lora_r``, ``lora_alpha``, ``lora_dropout``, ``lora_targets``) to a frozen base, and only
@@ -49,9 +51,11 @@ def create_llm(cfg, dtype: torch.dtype = torch.float32, *, train_texts: list[str
     """The one LLM factory: (model, tokenizer) for ``cfg`` (:class:`amrg.config.Llm`), frozen or
     LoRA-wrapped as ``cfg.trainable`` says. A pretrained LM (HF id or local dir) loads in ``dtype``;
     a scratch LM is built from the tokenizer and config saved in ``saved`` (a trained generator
-    directory, see :func:`save_llm`), or, for training, with a tokenizer trained on ``train_texts``."""
+    directory, see :func:`save_llm`), or, for training, with a tokenizer trained on ``train_texts`` and
+    ``prompt``, the prefix's fixed text (the template's words with the prompt; counted ``min_word_freq``
+    times, so none of its words becomes <unk>)."""
     if cfg.source == "pretrained":
-        model, tokenizer = _load_pretrained(cfg.name, dtype)
+        model, tokenizer = _load_pretrained(cfg.name, dtype, cfg.trust_remote_code)
     elif saved is not None:
         tokenizer = PreTrainedTokenizerFast.from_pretrained(saved / "tokenizer")
         model = LlamaForCausalLM(LlamaConfig.from_dict(json.loads((saved / "llm_config.json").read_text()))).to(dtype)
@@ -63,12 +67,12 @@ def create_llm(cfg, dtype: torch.dtype = torch.float32, *, train_texts: list[str
     return _set_trainable(model, cfg), tokenizer
 
 
-def _load_pretrained(name: str, dtype: torch.dtype):
+def _load_pretrained(name: str, dtype: torch.dtype, trust_remote_code: bool):
     path = resolve_model_ref(name)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
     return model, tokenizer
 
 
