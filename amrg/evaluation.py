@@ -25,7 +25,7 @@ from .metrics import ce_scores, nlg_scores, registry
 from .metrics.bootstrap import SystemStats, bootstrap_ci, ce_stats, method, nlg_stats
 from .metrics.ce import ce_grid, named_conventions
 from .metrics.provenance import file_sha256, package_version
-from .metrics.nlg import java_problem, prepare_texts, protocol
+from .metrics.nlg import distinct_ratio, java_problem, prepare_texts, protocol
 
 Labeler = Callable[[list[str]], np.ndarray]
 
@@ -91,7 +91,7 @@ def template_guard(scores: Scores, ref_labels: np.ndarray, uncertain_as: str) ->
     out = {}
     for name, s in scores.systems.items():
         pred = binarize(s.labels, uncertain_as).mean(0)
-        out[name] = {"distinct_ratio": len(set(s.texts)) / max(len(s.texts), 1),
+        out[name] = {"distinct_ratio": distinct_ratio(s.texts),
                      "vocabulary": len({w for t in s.texts for w in t.split()}),
                      "prevalence": {n: {"predicted": float(pred[j]), "reference": float(ref[j])}
                                     for j, n in enumerate(CHEXPERT_14)}}
