@@ -129,10 +129,30 @@ TRAIN = [("s0", ["No Finding"]), ("s1", ["Cardiomegaly", "Pleural Effusion"]), (
 HELD = [("v0", ["Cardiomegaly"]), ("t0", ["Pleural Effusion"])]
 
 
-def test_mine_cam_stage_regions_round_trip(tmp_path):
-    from amrg.data.store import images_table, read_patch_mask
-    from amrg.io import read_json, read_parquet, save_tensors, write_json, write_parquet
+def write_phantom_preprocess(layout, studies, labels, size: int, seed0: int):
+    """preprocess's outputs for ``studies`` [(id, names, split)] with phantom views drawn from ``labels``
+    (seed ``seed0 + i``): studies.parquet, the image index and the pixel store. Returns (ids, views, splits, pixels) per image."""
+    from amrg.data.store import images_table
+    from amrg.io import write_parquet
     from amrg.labels.schema import LABEL_COLUMNS, TARGET_COLUMNS
+
+    ids, views, splits, pix = [], [], [], []
+    for i, (s, _, split) in enumerate(studies):
+        for v in (0, 1):
+            ids.append(s), views.append(v), splits.append(split), pix.append(draw_phantom(labels[i], v, size, seed0 + i))
+    pix = np.stack(pix)
+    table = {"id": [s for s, _, _ in studies], "split": [sp for _, _, sp in studies], "report": ["r"] * len(studies),
+             "findings": ["r"] * len(studies), "impression": [""] * len(studies), "n_images": [2] * len(studies)}
+    table.update({c: labels[:, j] for cols in (LABEL_COLUMNS, TARGET_COLUMNS) for j, c in enumerate(cols)})
+    write_parquet(layout.studies, table)
+    write_parquet(layout.images, images_table(ids, views, splits, pix).drop(["pixels"]))  # preprocess's index
+    np.save(layout.pixels, pix)  # and its pixel store
+    return ids, views, splits, pix
+
+
+def test_mine_cam_stage_regions_round_trip(tmp_path):
+    from amrg.data.store import read_patch_mask
+    from amrg.io import read_json, read_parquet, save_tensors, write_json
     from amrg.models.classifier import predict_proba
     from amrg.models.load import load_classifier
     from stages import mine_cam
@@ -147,17 +167,7 @@ def test_mine_cam_stage_regions_round_trip(tmp_path):
     studies = [(s, n, "train") for s, n in TRAIN] + [(HELD[0][0], HELD[0][1], "val"), (HELD[1][0], HELD[1][1], "test")]
     labels = np.stack([lab(*n) for _, n, _ in studies])
     labels[2, IDX["Cardiomegaly"]] = -1  # uncertain, binarised negative: never a target
-    ids, views, splits, pix = [], [], [], []
-    for i, (s, _, split) in enumerate(studies):
-        for v in (0, 1):
-            ids.append(s), views.append(v), splits.append(split), pix.append(draw_phantom(labels[i], v, size, 10 + i))
-    pix = np.stack(pix)
-    table = {"id": [s for s, _, _ in studies], "split": [sp for _, _, sp in studies], "report": ["r"] * len(studies),
-             "findings": ["r"] * len(studies), "impression": [""] * len(studies), "n_images": [2] * len(studies)}
-    table.update({c: labels[:, j] for cols in (LABEL_COLUMNS, TARGET_COLUMNS) for j, c in enumerate(cols)})
-    write_parquet(layout.studies, table)
-    write_parquet(layout.images, images_table(ids, views, splits, pix).drop(["pixels"]))  # preprocess's index
-    np.save(layout.pixels, pix)  # and its pixel store
+    ids, views, splits, pix = write_phantom_preprocess(layout, studies, labels, size, 10)
     torch.manual_seed(1)
     spec = default_spec(size)
     save_tensors(layout.classifier_weights, DiseaseClassifier(spec).state_dict())

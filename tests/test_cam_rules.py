@@ -14,10 +14,11 @@ import yaml
 from amrg.banks import read_region_rule, region_order, select_regions, with_region_rule
 from amrg.cam import CamMiner, apply_mask, patch_mask
 from amrg.config import Cam
-from amrg.data.phantoms import draw_phantom
 from amrg.labels.schema import CHEXPERT_14
 from amrg.layout import Layout
 from amrg.models.classifier import ClassifierSpec, DiseaseClassifier
+
+from .test_cam import write_phantom_preprocess
 
 ROOT = Path(__file__).resolve().parents[1]
 IDX = {n: i for i, n in enumerate(CHEXPERT_14)}
@@ -188,26 +189,14 @@ def one_thread():
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, one_thread):
     """A preprocess + classifier output for TRAIN/HELD phantoms, and every candidate's CAM computed alone."""
-    from amrg.data.store import images_table
-    from amrg.io import save_tensors, write_json, write_parquet
-    from amrg.labels.schema import LABEL_COLUMNS, TARGET_COLUMNS
+    from amrg.io import save_tensors, write_json
     from amrg.models.classifier import predict_proba
 
     root = tmp_path_factory.mktemp("ws")
     layout = Layout(root / "artifacts")
     studies = [(s, n, "train") for s, n in TRAIN] + [(HELD[0][0], HELD[0][1], "val"), (HELD[1][0], HELD[1][1], "test")]
     labels = np.stack([lab(*n) for _, n, _ in studies])
-    ids, views, splits, pix = [], [], [], []
-    for i, (s, _, split) in enumerate(studies):
-        for v in (0, 1):
-            ids.append(s), views.append(v), splits.append(split), pix.append(draw_phantom(labels[i], v, SIZE, 20 + i))
-    pix = np.stack(pix)
-    table = {"id": [s for s, _, _ in studies], "split": [sp for _, _, sp in studies], "report": ["r"] * len(studies),
-             "findings": ["r"] * len(studies), "impression": [""] * len(studies), "n_images": [2] * len(studies)}
-    table.update({c: labels[:, j] for cols in (LABEL_COLUMNS, TARGET_COLUMNS) for j, c in enumerate(cols)})
-    write_parquet(layout.studies, table)
-    write_parquet(layout.images, images_table(ids, views, splits, pix).drop(["pixels"]))
-    np.save(layout.pixels, pix)
+    ids, views, splits, pix = write_phantom_preprocess(layout, studies, labels, SIZE, 20)
     torch.manual_seed(5)
     model = DiseaseClassifier(_spec()).eval()
     save_tensors(layout.classifier_weights, model.state_dict())

@@ -129,7 +129,7 @@ PER_KEY = [
     ("generator.epochs", 1, {"train_generator"}),
     ("generator.tvc_weight", 1.0, {"train_generator"}),
     ("generator.checkpoint_every", 7, set()),
-    ("decode.num_beams", 3, {"train_generator", "evaluate"}),  # train_generator: select_decode=configured
+    ("decode.num_beams", 1, {"train_generator", "evaluate"}),  # train_generator: select_decode=configured
     ("evaluate.bootstrap", 10, {"evaluate", "score"}),  # score's CIs use evaluate's resamples
     ("evaluate.reference_max_tokens", 60, {"evaluate"}),
     ("score.bertscore_layer", 3, {"score"}),
