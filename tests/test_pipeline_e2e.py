@@ -88,11 +88,12 @@ def test_dvc_repro_tiny_profile(repo):
     # a second repro runs nothing but the always-changed index stage (its manifest comes out the same)
     assert stages_ran(run(dvc + ["repro"], dst, env)) == ["index"]
 
-    # a decoding knob reruns evaluate and the stage scoring its reports, nothing upstream
+    # a decoding knob reruns evaluate and the stage scoring its reports, and train_generator, which may
+    # validate with the decode section (generator.select_decode: configured); nothing further upstream
     params = yaml.safe_load((dst / "params.yaml").read_text())
     params["decode"]["max_new_tokens"] = 10
     (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert stages_ran(run(dvc + ["repro"], dst, env)) == ["index", "evaluate", "score"]  # score reads the new reports
+    assert stages_ran(run(dvc + ["repro"], dst, env)) == ["index", "train_generator", "evaluate", "score"]
 
     # forcing one stage reruns that stage alone
     assert stages_ran(run(dvc + ["repro", "--single-item", "--force", "mine_cam"], dst, env)) == ["mine_cam"]

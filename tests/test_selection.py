@@ -118,7 +118,7 @@ def test_fit_keeps_the_epoch_with_the_best_chosen_metric(tmp_path, select):
 
 def test_select_keys_are_validated():
     g = load_params().generator
-    assert (g.select, g.select_decode) == ("val_loss", "greedy")  # the embedded default
+    assert (g.select, g.select_decode) == ("val_ce_f1", "greedy")  # the embedded default
     for select in SELECTS:
         assert parse_params({"generator": {"select": select, "select_decode": "configured"}}).generator.select == select
     with pytest.raises(ParamsError, match="generator.select: 'val_cider'"):
