@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .baselines import most_frequent_report, nearest_neighbour_reports, oracle_reports
+from .config import get_dotted
 from .labels import count_empty
 from .labels.schema import CHEXPERT_14, NO_FINDING, binarize
 from .layout import PHANTOM_FLAG
@@ -113,16 +114,8 @@ def headline_differences(bootstrap: dict | None) -> dict | None:
     resamples where the difference is <= 0 (the full set of differences is in details.json)."""
     if not bootstrap:
         return None
-    out = {}
-    for name, diffs in bootstrap["paired"].items():
-        out[name] = {}
-        for key in HEADLINE_DIFFERENCES:
-            d = diffs
-            for part in key.split("."):
-                d = d.get(part, {}) if isinstance(d, dict) else {}
-            if d:
-                out[name][key] = {k: round(v, 4) for k, v in d.items()}
-    return out
+    return {name: {key: {k: round(v, 4) for k, v in d.items()} for key in HEADLINE_DIFFERENCES
+                   if (d := get_dotted(diffs, key))} for name, diffs in bootstrap["paired"].items()}
 
 
 def collapse_warning(scores: Scores, guard: dict) -> str | None:

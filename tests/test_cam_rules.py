@@ -16,9 +16,9 @@ from amrg.cam import CamMiner, apply_mask, patch_mask
 from amrg.config import Cam
 from amrg.labels.schema import CHEXPERT_14
 from amrg.layout import Layout
-from amrg.models.classifier import ClassifierSpec, DiseaseClassifier
+from amrg.models.classifier import DiseaseClassifier
 
-from .test_cam import write_phantom_preprocess
+from .test_cam import default_spec, write_phantom_preprocess
 
 ROOT = Path(__file__).resolve().parents[1]
 IDX = {n: i for i, n in enumerate(CHEXPERT_14)}
@@ -170,13 +170,6 @@ def lab(*names):
     return x
 
 
-def _spec() -> ClassifierSpec:
-    p = yaml.safe_load((ROOT / "params.yaml").read_text())
-    q = p["qformer"]
-    return ClassifierSpec(p["vision"]["name"], dict(p["vision"]["kwargs"]), SIZE, q["dim"], q["layers"], q["heads"],
-                          q["n_queries"])
-
-
 @pytest.fixture(scope="module")
 def one_thread():
     """One torch thread: on shared cores two threads are many times slower than one for these tiny maps."""
@@ -198,9 +191,9 @@ def workspace(tmp_path_factory, one_thread):
     labels = np.stack([lab(*n) for _, n, _ in studies])
     ids, views, splits, pix = write_phantom_preprocess(layout, studies, labels, SIZE, 20)
     torch.manual_seed(5)
-    model = DiseaseClassifier(_spec()).eval()
+    model = DiseaseClassifier(default_spec(SIZE)).eval()
     save_tensors(layout.classifier_weights, model.state_dict())
-    write_json(layout.classifier_config, {"spec": _spec().to_dict(), "uncertain_as": "negative"})
+    write_json(layout.classifier_config, {"spec": default_spec(SIZE).to_dict(), "uncertain_as": "negative"})
 
     # every candidate (train image, positive label), in the stage's order (np.nonzero: image, then disease)
     train = [k for k, sp in enumerate(splits) if sp == "train"]
