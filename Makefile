@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/python -m pip install -q -e ".[flows,faiss,metrics,test]"
+	$(BIN)/python -m pip install -q -e ".[flows,faiss,metrics,serve,test]"
 	touch $(STAMP)
 
 run: $(STAMP)

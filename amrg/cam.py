@@ -6,6 +6,13 @@ block r_k and keeps the block iff its mean exceeds τ, optionally only the ``max
 blocks (IV-E: "the top six regions exhibiting the highest activation scores"; the released code keeps at
 most 6); :func:`apply_mask` zeroes every pixel outside the kept blocks (eq. 1). The CAM target layer is
 the encoder's ``feature_map`` (``(B, C, H, W)`` for every timm family), so no per-family reshape is needed.
+
+GradCAM also has a native implementation (issue 19, ``cam.backend``), :func:`native_gradcam`: the same map
+as pytorch-grad-cam's (Selvaraju et al. 2017: channel weights w_c = mean over the grid of ∂y_d/∂A_c,
+:func:`gradcam_map` = relu(Σ_c w_c A_c), then :func:`upsample_and_scale` as the library's
+``scale_cam_image``), with the gradient taken only down to A (no encoder backward, no parameter
+gradients), one encoder forward per distinct image whatever the number of its target diseases, all
+targets in one backward, under bf16 autocast on CUDA when asked.
 """
 
 from __future__ import annotations
@@ -16,6 +23,9 @@ from pytorch_grad_cam import (EigenCAM, GradCAM, GradCAMPlusPlus, HiResCAM, Laye
                               XGradCAM)
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
+from torch.nn import functional as F
+
+from .io import autocast
 
 CAM_METHODS = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "xgradcam": XGradCAM, "eigencam": EigenCAM,
                "hirescam": HiResCAM, "layercam": LayerCAM, "scorecam": ScoreCAM}
@@ -59,20 +69,102 @@ class _PixelsModel(nn.Module):
         return self.classifier(x[:, 0])
 
 
+# --- native GradCAM (issue 19): the library's map, the gradient taken only to the target layer
+SCALE_EPS = 1e-7  # pytorch-grad-cam's scale_cam_image: (cam - min) / (SCALE_EPS + max)
+CAM_BACKENDS = ("auto", "native", "library")
+
+
+def head_from_feature_map(classifier: nn.Module, feature_map: torch.Tensor) -> torch.Tensor:
+    """The classifier after its CAM target layer: ``(B, C, h, w)`` feature map -> logits ``(B, 14)``
+    (the tokens of :meth:`VisionEncoder.forward`, row-major over the grid, through the Q-Former and head)."""
+    return classifier.head(classifier.qformer(feature_map.flatten(2).transpose(1, 2)))
+
+
+def gradcam_map(activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
+    """GradCAM at the target layer: w_c = mean_{ij} ∂y/∂A_cij, ``relu(Σ_c w_c A_c)``; ``(K, C, h, w)`` x 2
+    -> ``(K, h, w)`` float32."""
+    weights = gradients.float().mean(dim=(2, 3))
+    return torch.relu((weights[:, :, None, None] * activations.float()).sum(1))
+
+
+def min_max_scale(maps: torch.Tensor) -> torch.Tensor:
+    """Per map ``(K, H, W)``: ``(m - min) / (SCALE_EPS + max(m - min))``, a blank map stays 0."""
+    flat = maps.flatten(1)
+    shifted = flat - flat.min(1, keepdim=True).values
+    return (shifted / (SCALE_EPS + shifted.max(1, keepdim=True).values)).view_as(maps)
+
+
+def upsample_and_scale(cam: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """pytorch-grad-cam's post-processing of one target layer's maps ``(K, h, w)`` -> ``(K, H, W)``:
+    min-max scale, resize (cv2 INTER_LINEAR = bilinear with half-pixel centres, ``align_corners=False``),
+    then the multi-layer aggregation's relu and min-max scale again."""
+    up = F.interpolate(min_max_scale(cam).unsqueeze(1), size=size, mode="bilinear", align_corners=False)[:, 0]
+    return min_max_scale(torch.relu(up))
+
+
+def native_gradcam(classifier: nn.Module, pixels: torch.Tensor, diseases: list[int],
+                   precision: str = "fp32") -> np.ndarray:
+    """GradCAM maps ``(K, H, W)`` float32 in [0, 1] of uint8 ``pixels (K, H, W)``, target ``diseases[k]``
+    for image k: pytorch-grad-cam's GradCAM map at ``classifier.encoder.feature_map``.
+
+    Equal images are encoded once: the encoder runs without a graph up to the feature map A of each
+    distinct image; each target gets its own copy of its image's A as a leaf, the Q-Former and head run
+    over the K targets (they mix nothing across the batch) and one backward of ``Σ_k y_k[d_k]`` gives each
+    target its own ∂y/∂A; no encoder parameter gets a gradient. ``precision="bf16"`` autocasts the forward
+    on CUDA (the maps are computed in float32). The classifier should be in eval mode (BatchNorm, dropout).
+    """
+    if len(diseases) != len(pixels):
+        raise ValueError(f"{len(pixels)} images but {len(diseases)} target diseases")
+    if len(pixels) == 0:
+        return np.zeros((0, *pixels.shape[1:]), np.float32)
+    device = pixels.device
+    distinct, image_of = torch.unique(pixels.flatten(1), dim=0, return_inverse=True)
+    with autocast(device, precision):
+        with torch.no_grad():
+            a = classifier.encoder.feature_grid(distinct.view(-1, *pixels.shape[1:]))
+        leaf = a[image_of].detach().requires_grad_(True)
+        with torch.enable_grad():
+            logits = head_from_feature_map(classifier, leaf)
+            target = torch.as_tensor(diseases, dtype=torch.long, device=logits.device)
+            selected = logits.gather(1, target[:, None]).sum()
+            (grad,) = torch.autograd.grad(selected, leaf)
+    with torch.no_grad():
+        cam = upsample_and_scale(gradcam_map(leaf.detach(), grad), tuple(pixels.shape[1:]))
+    return cam.cpu().numpy().astype(np.float32)
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 class CamMiner:
-    def __init__(self, classifier: nn.Module, method: str):
+    """CAMs of ``method`` at the encoder's ``feature_map``. ``backend`` (``cam.backend``): GradCAM by
+    :func:`native_gradcam` (``native``, or ``auto`` with the classifier on CUDA) under ``precision``
+    (``runtime.precision``), or by pytorch-grad-cam (``library``, ``auto`` on CPU, and every other method)."""
+
+    def __init__(self, classifier: nn.Module, method: str, backend: str = "library", precision: str = "fp32"):
         if method not in CAM_METHODS:
             raise ValueError(f"unknown cam.method {method!r}; choose from {sorted(CAM_METHODS)}")
+        if backend not in CAM_BACKENDS:
+            raise ValueError(f"unknown cam.backend {backend!r}; choose from {list(CAM_BACKENDS)}")
         self.model = _PixelsModel(classifier).eval()
-        self.cam = CAM_METHODS[method](model=self.model, target_layers=[classifier.encoder.feature_map])
+        self.precision = precision
+        self.native = method == "gradcam" and (backend == "native" or (backend == "auto" and
+                                                                       _device(classifier).type == "cuda"))
+        self.backend = "native" if self.native else "library"
+        self.cam = None if self.native else CAM_METHODS[method](model=self.model,
+                                                                target_layers=[classifier.encoder.feature_map])
 
     def __call__(self, pixels: torch.Tensor, diseases: list[int]) -> np.ndarray:
         """CAMs ``(B, H, W)`` in [0, 1] for a batch of images, one target disease per image."""
+        if self.native:
+            return native_gradcam(self.model.classifier, pixels, [int(d) for d in diseases], self.precision)
         x = pixels.float().unsqueeze(1)
         return self.cam(input_tensor=x, targets=[ClassifierOutputTarget(int(d)) for d in diseases])
 
     def close(self) -> None:
-        self.cam.activations_and_grads.release()
+        if self.cam is not None:
+            self.cam.activations_and_grads.release()
 
 
 # --- for people: a CAM drawn over its image, and where it points in words

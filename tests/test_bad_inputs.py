@@ -75,7 +75,7 @@ CASES = {
 # image-level skip reasons each case adds
 IMAGE_SKIPS = {"corrupt_png": ["unreadable_image"], "corrupt_jpeg": ["unreadable_image"],
                "truncated_png": ["unreadable_image"], "truncated_jpeg": ["unreadable_image"],
-               "empty_file": ["unreadable_image"] * 2, "bomb": ["unreadable_image"],
+               "empty_file": ["unreadable_image"] * 2, "bomb": ["image_too_large"],
                "missing": ["missing_image"] * 2, "dotdot": ["path_outside_images_dir"] * 2,
                "absolute": ["path_outside_images_dir"] * 2, "symlink": ["path_outside_images_dir"] * 2}
 

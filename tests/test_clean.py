@@ -57,3 +57,26 @@ def test_cleaner_argument_checked():
         clean_report("x", "chexpert")
     with pytest.raises(TypeError, match="string"):
         clean_report(None, "mimic")
+
+
+@pytest.mark.parametrize("cleaned, readable", [
+    ("the heart is normal in size . the lungs are clear .", "The heart is normal in size. The lungs are clear."),
+    ("no pneumothorax , effusion or focal consolidation .", "No pneumothorax, effusion or focal consolidation."),
+    ("xxxx opacity in the right base ; likely atelectasis .", "Xxxx opacity in the right base; likely atelectasis."),
+    ("t-spine degenerative changes . 2 cm nodule", "T-spine degenerative changes. 2 cm nodule."),
+    ("is there a pneumothorax ?", "Is there a pneumothorax?"),
+    ("", ""),
+    (" . . ", ""),
+])
+def test_readable_report_capitalises_and_attaches_punctuation(cleaned, readable):
+    from amrg.data.clean import readable_report
+
+    assert readable_report(cleaned) == readable
+
+
+def test_readable_report_keeps_every_word_of_a_cleaned_report():
+    from amrg.data.clean import clean_report, readable_report
+
+    raw = "The heart is normal in size. The lungs are clear, no effusion. 1. No pneumothorax."
+    cleaned = clean_report(raw, "iu")
+    assert readable_report(cleaned).lower().replace(".", " .").replace(",", " ,").split() == cleaned.split()

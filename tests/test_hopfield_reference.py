@@ -240,3 +240,20 @@ def test_generator_builds_both_memories_from_the_hopfield_section():
         assert (h.beta, h.scaling, h.normalize, h.heads, h.dropout) == (2.0, "beta", True, 2, 0.1)
         assert h.k_proj.weight.shape == (8, width) and h.out_proj.weight.shape == (32, 8)
     assert model.v_hopfield(torch.randn(2, 14, 16)).shape == (2, 14, 32)
+
+
+@pytest.mark.parametrize("top_k", [0, 5])
+@pytest.mark.parametrize("steps", [1, 3])
+def test_association_weights_read_out_the_forward_output(top_k, steps):
+    """``association`` (what serve shows as the retrieved bank rows) is the α the forward reads out with:
+    α·V over its rows equals the module's output, dense and with a top-k restriction."""
+    torch.manual_seed(3)
+    mem = torch.randn(40, 12)
+    h = HopfieldRetrieval(6, mem, hidden_dim=8, out_dim=5, beta=2.0, steps=steps, top_k=top_k).eval()
+    q = torch.randn(2, 3, 6)
+    alpha, ids = h.association(q)
+    assert alpha.shape == (2, 3, len(ids)) and torch.allclose(alpha.sum(-1), torch.ones(2, 3))
+    values = h.v_proj(h.norm_projection(mem[ids]))
+    torch.testing.assert_close(alpha @ values, h(q).detach())
+    if top_k:
+        assert ((alpha > 0).sum(-1) <= top_k).all()  # each query weighs only its own k rows

@@ -94,3 +94,19 @@ def clean_report(report: str, cleaner: str = "iu") -> str:
 def report_sentences(cleaned: str) -> list[str]:
     """Sentences of a report already passed through :func:`clean_report`."""
     return [s.strip() for s in cleaned.split(" .") if s.strip()]
+
+
+_DETACHED = re.compile(r"\s+([,;:!?%])")  # "clear , no" -> "clear, no"; "50 %" -> "50%"
+
+
+def readable_report(cleaned: str) -> str:
+    """A report in the scoring form (``the heart is normal in size . the lungs are clear .``) for people:
+    each sentence capitalised, punctuation attached to the word before it, one space between sentences
+    (``The heart is normal in size. The lungs are clear.``). The words are unchanged: de-identification
+    tokens (``xxxx``) stay, and nothing the cleaner removed comes back."""
+    out = []
+    for s in report_sentences(cleaned.replace("\n", " ")):
+        s = _DETACHED.sub(r"\1", s.strip(" ."))
+        if s:
+            out.append(s[0].upper() + s[1:] + ("" if s[-1] in "?!" else "."))
+    return " ".join(out)

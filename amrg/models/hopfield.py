@@ -163,17 +163,40 @@ class HopfieldRetrieval(nn.Module):
     def forward(self, queries: torch.Tensor) -> torch.Tensor:
         """``(B, Q, query_dim)`` -> ``(B, Q, out_dim)``."""
         xi0 = self.q_proj(self.norm_state(queries))
+        union, mask = self._rows(xi0)
+        return self._associate(xi0, self.memory if union is None else self.memory[union], mask)
+
+    def _rows(self, xi0: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The bank rows the queries see: (None, None) for the whole bank; with ``top_k``, the union U of
+        every query's (and head's) candidates, projected once, and the mask ``(B, Q, H, |U|)`` of each query's
+        own k rows of U, so the cost scales with |U| <= B·Q·H·k, not n."""
         if not self.top_k:
-            return self._associate(xi0, self.memory, None)
-        # the union U of every query's (and head's) candidates is projected once; each query's softmax
-        # runs over its own k rows of U (the others are masked), so the cost scales with |U| <= B·Q·H·k, not n
+            return None, None
         ids = self.candidates(xi0).reshape(*xi0.shape[:-1], self.heads, -1)  # (B, Q, H, k), -1: not found
         found = ids >= 0
         union, where = ids[found].unique(return_inverse=True)
         mask = torch.zeros(*ids.shape[:-1], len(union), dtype=torch.bool, device=ids.device)
         query_of = torch.arange(found.shape[:-1].numel(), device=ids.device).view(*ids.shape[:-1], 1).expand_as(ids)
         mask.view(-1, len(union))[query_of[found], where] = True
-        return self._associate(xi0, self.memory[union], mask)
+        return union, mask
+
+    @torch.no_grad()
+    def association(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What each query retrieves, for people: the eq. 5 weights α over the bank at the read-out state
+        (after the descent), averaged over the heads, ``(B, Q, m)``, and the bank row of each of the m
+        columns (``(m,)``: every row, or with ``top_k`` the union of the candidates; -inf-masked rows weigh 0)."""
+        xi0 = self.q_proj(self.norm_state(queries))
+        union, mask = self._rows(xi0)
+        rows = self.memory if union is None else self.memory[union]
+        keys = self.k_proj(self.norm_stored(rows)).unflatten(-1, (self.heads, -1))
+        xi0 = xi0.unflatten(-1, (self.heads, -1))
+        alpha = 0
+        for h in range(self.heads):
+            m = None if mask is None else mask[..., h, :]
+            xi = hopfield_descent(xi0[..., h, :], keys[:, h], self.beta, self.eta, self.steps - 1, m, self.scaling)
+            alpha = alpha + hopfield_association(xi, keys[:, h], self.beta, m, self.scaling) / self.heads
+        ids = torch.arange(len(self.memory), device=rows.device) if union is None else union
+        return alpha, ids
 
     def _associate(self, xi0: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Per head: descent (eq. 3-5) and read-out over the bank ``rows``; heads concatenated, projected
