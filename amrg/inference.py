@@ -10,7 +10,9 @@ One way to turn stage outputs back into models, used by the ``evaluate`` stage a
     where = run.explain(pixels, view_rows, study_probs, cam)  # per study: CAMs of its predicted diseases
 
 The generator is rebuilt from its :class:`~amrg.models.generator.GeneratorSpec` (``generator/config.json``)
-through the same factory as in training, in the same LLM dtype.
+through the same factory as in training, in the same LLM dtype; so is its generator-side vision encoder
+(``generator_vision`` other than ``classifier``: :attr:`Run.vision`, weights from ``generator/vision.safetensors``),
+which then gives F while the classifier gives F_d.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ class Run:
     spec: GeneratorSpec
     device: torch.device
     precision: str
+    vision: torch.nn.Module | None = None  # the generator-side encoder of F (None: the classifier's tokens)
 
     @property
     def image_size(self) -> int:
@@ -61,14 +64,15 @@ class Run:
         from .models.features import iter_study_features
 
         return iter_study_features(self.classifier, pixels, view_rows, self.spec.visual_pool, self.device,
-                                   self.precision, batch_size, self.spec.views)
+                                   self.precision, batch_size, self.spec.views, self.vision)
 
     def features(self, pixels: torch.Tensor, view_rows: np.ndarray, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Frozen stage-1 inputs of the generator for studies ``view_rows (S, 2)`` of uint8 ``pixels``."""
+        """The generator's inputs (F, F_d) for studies ``view_rows (S, 2)`` of uint8 ``pixels``: F from the
+        generator-side encoder when the run has one, else from the frozen classifier; F_d from the classifier."""
         from .models.features import study_features
 
         return study_features(self.classifier, pixels, view_rows, self.spec.visual_pool, self.device,
-                              self.precision, batch_size, self.spec.views)
+                              self.precision, batch_size, self.spec.views, self.vision)
 
     @torch.no_grad()
     def generate(self, f: torch.Tensor, fd: torch.Tensor, decode, batch_size: int, desc: str = "generate") -> list[str]:
@@ -85,13 +89,15 @@ class Run:
 
         return predict_proba(self.classifier, pixels, np.asarray(rows), self.device, self.precision, batch_size)
 
-    def cams(self, images: torch.Tensor, diseases: list[int], method: str, batch_size: int = 32) -> np.ndarray:
-        """CAM maps ``(K, H, W)`` in [0, 1] of uint8 ``images (K, H, W)``, one target disease each."""
+    def cams(self, images: torch.Tensor, diseases: list[int], method: str, batch_size: int = 32,
+             backend: str = "auto") -> np.ndarray:
+        """CAM maps ``(K, H, W)`` in [0, 1] of uint8 ``images (K, H, W)``, one target disease each
+        (``backend``: ``cam.backend``, :class:`amrg.cam.CamMiner`)."""
         from .cam import CamMiner
 
         if len(diseases) == 0:
             return np.zeros((0, self.image_size, self.image_size), np.float32)
-        miner = CamMiner(self.classifier, method)
+        miner = CamMiner(self.classifier, method, backend, self.precision)
         try:
             with torch.enable_grad():
                 return np.concatenate([miner(images[s:s + batch_size].to(self.device), diseases[s:s + batch_size])
@@ -111,7 +117,7 @@ class Run:
             diseases = [d for d, _ in predicted(study_probs[s]) if d != NO_FINDING][:MAX_CAMS]
             jobs += [(s, d, r) for d in diseases for r in dict.fromkeys(int(x) for x in rows)]
         out: list[list[dict]] = [[] for _ in view_rows]
-        maps = self.cams(pixels[[r for *_, r in jobs]], [d for _, d, _ in jobs], cam.method, batch_size)
+        maps = self.cams(pixels[[r for *_, r in jobs]], [d for _, d, _ in jobs], cam.method, batch_size, cam.backend)
         for (s, d, r), m in zip(jobs, maps):
             out[s].append({"disease": d, "label": CHEXPERT_14[d], "image": r, "map": m,
                            **cam_location(m, cam.patch, cam.tau)})
@@ -123,7 +129,7 @@ def load_run(layout: Layout, device: torch.device, precision: str = "fp32") -> R
     :class:`~amrg.layout.MissingArtifacts` names the first stage whose output is missing."""
     from .banks import load_banks
     from .models.generator import GeneratorSpec, create_generator
-    from .models.load import load_classifier
+    from .models.load import load_classifier, load_generator_vision
 
     if not layout.generator_config.is_file():
         layout.require(layout.run_files())
@@ -132,7 +138,8 @@ def load_run(layout: Layout, device: torch.device, precision: str = "fp32") -> R
     classifier = load_classifier(layout.stage_dir("train_classifier"), device)
     model = create_generator(spec, *load_banks(layout, spec.hopfield), saved=layout.stage_dir("train_generator"))
     model.load_trainable(load_tensors(layout.generator_weights))
-    return Run(layout, classifier, model.to(device).eval(), spec, device, precision)
+    vision = load_generator_vision(spec, layout.stage_dir("train_generator"), device)
+    return Run(layout, classifier, model.to(device).eval(), spec, device, precision, vision)
 
 
 def run_params(layout: Layout, params_file: str | None = None):

@@ -18,6 +18,8 @@ from pathlib import Path
 STAGE_DIRS: dict[str, str] = {
     "index": "index",
     "preprocess": "preprocess",
+    "pretrain_vision": "pretrain/vision",
+    "pretrain_contrastive": "pretrain/contrastive",
     "train_classifier": "classifier",
     "mine_cam": "cam",
     "encode_visual_bank": "banks/visual",
@@ -86,6 +88,13 @@ class Layout:
     @property
     def stats(self) -> Path:
         return self.stage_dir("preprocess") / "stats.json"
+
+    def pretrained_encoder(self, stage: str = "pretrain_contrastive") -> tuple[Path, Path]:
+        """(weights, spec) of a pre-trained encoder: ``backbone.safetensors`` and ``encoder.json`` (timm name,
+        kwargs, image size) of ``stage``, pretrain_vision or pretrain_contrastive (the end of the chain,
+        which passes stage #1's encoder through when it is disabled). A disabled chain writes neither."""
+        d = self.stage_dir(stage)
+        return d / "backbone.safetensors", d / "encoder.json"
 
     @property
     def classifier_weights(self) -> Path:

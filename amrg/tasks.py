@@ -6,7 +6,9 @@
   by the token-mean loss and by BLEU-4, CIDEr, CE F1 and the distinct ratio of the validation reports
   (greedy, or decoded with the ``decode`` section); optionally with seed 004's
   bidirectional objectives (``vtc_weight * VTC + tvc_weight * TVC + rec_weight * REC``,
-  :mod:`amrg.models.bidirectional`), whose training-only heads the task owns.
+  :mod:`amrg.models.bidirectional`), whose training-only heads the task owns; with a trainable
+  generator-side encoder (``generator_vision.trainable``) F is computed in the step from the studies' view
+  pixels (:class:`WithVision`), read ahead of it by :meth:`GeneratorTask.loader`.
 """
 
 from __future__ import annotations
@@ -45,6 +47,54 @@ class ImageBatches(torch.utils.data.Dataset):
 def as_batch(batch):
     """The DataLoader's collate function: the dataset already returns whole batches."""
     return batch
+
+
+class StudyViews(torch.utils.data.Dataset):
+    """The view images of studies for a ``DataLoader`` with a batch sampler: ``__getitems__(batch)`` reads the
+    batch's ``view_rows (S, V)`` rows of the pixel store in one read and returns ``(study indices (B,),
+    uint8 pixels (B, V, H, W))``."""
+
+    def __init__(self, pixels, view_rows: np.ndarray):
+        self.pixels, self.view_rows = pixels, np.asarray(view_rows, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.view_rows)
+
+    def __getitems__(self, batch: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        b = torch.as_tensor(batch, dtype=torch.long)
+        rows = self.view_rows[b.numpy()]
+        return b, self.pixels[rows.reshape(-1)].reshape(*rows.shape, *self.pixels.shape[1:])
+
+    def __getitem__(self, i: int):
+        return self.__getitems__([i])
+
+
+class WithVision(torch.nn.Module):
+    """What :func:`amrg.train.fit` trains with a trainable generator-side encoder (MambaXray-VL's SFT, the
+    released AM-MRG code): the :class:`~amrg.models.features.VisionTower` (parameters under :attr:`PREFIX`,
+    their own lr through ``LoopConfig.lr_by_prefix``) and the generator, or its
+    :class:`~amrg.models.bidirectional.Bidirectional` wrapper (under ``net.``). ``forward(pixels, F_d, ...)``
+    is the wrapped module's with F = the tower's tokens of the uint8 view ``pixels (B, V, H, W)``: one module,
+    so DistributedDataParallel averages the encoder's gradients with the rest."""
+
+    PREFIX = "vision."
+
+    def __init__(self, vision: torch.nn.Module, net: torch.nn.Module):
+        super().__init__()
+        self.vision, self.net = vision, net
+
+    def forward(self, pixels: torch.Tensor, *args, **kwargs):
+        return self.net(self.vision(pixels), *args, **kwargs)
+
+    @classmethod
+    def split_state(cls, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """fit's weights -> (the wrapped module's, under its own names; the tower's, under its own names)."""
+        net = {k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")}
+        vision = {k.removeprefix(cls.PREFIX): v for k, v in state.items() if k.startswith(cls.PREFIX)}
+        if len(net) + len(vision) != len(state):
+            raise ValueError(f"weights outside net. and {cls.PREFIX}: "
+                             f"{sorted(k for k in state if not k.startswith(('net.', cls.PREFIX)))[:5]}")
+        return net, vision
 
 
 class ClassifierTask:
@@ -167,6 +217,12 @@ class GeneratorTask:
     objective is plain VTC, :meth:`validate` also returns every term: ``train_<term>`` (the mean over the
     batches this process ran since the previous validation: the epoch, or its rest after a resume) and
     ``val_<term>``; VTC is token-weighted, TVC and REC are per-study means.
+
+    A trainable generator-side encoder (``vision``, a :class:`~amrg.models.features.VisionTower`): F is not
+    cached (``features[split] = (None, F_d)``); ``view_pixels[split] = (pixels, view_rows (S, V))`` give each
+    study's view images, read per training batch ahead of the step by :meth:`loader` (fit's ``loader``) and per
+    validation batch in :meth:`validate`, and :attr:`trainee` is :class:`WithVision`. Without it (the default,
+    and a frozen encoder whose F is cached like the classifier's) everything runs as before.
     """
 
     def __init__(self, model, features: dict[str, tuple[torch.Tensor, torch.Tensor]], reports: dict[str, list[str]],
@@ -174,7 +230,8 @@ class GeneratorTask:
                  tvc_weight: float = 0.0, rec_weight: float = 0.0, aux=None,
                  rec_targets: dict[str, torch.Tensor] | None = None, labels: Labels = Labels(),
                  ce_uncertain_as: str = "negative", ce_labels: str = "all14", decode: Decode | None = None,
-                 select_decode: str = "greedy", word_dropout: float = 0.0):
+                 select_decode: str = "greedy", word_dropout: float = 0.0, vision: torch.nn.Module | None = None,
+                 view_pixels: dict[str, tuple] | None = None, loader_workers: int = 0):
         self.model, self.features, self.reports = model, features, reports
         self.word_dropout = word_dropout
         tok = model.tokenizer
@@ -199,6 +256,12 @@ class GeneratorTask:
             raise ValueError("rec_weight > 0 needs the REC targets (rec_targets)")
         self.aux = aux
         self.trainee = model if aux is None else aux.wrap(model)  # what fit trains
+        self.vision, self.view_pixels, self.loader_workers = vision, view_pixels, loader_workers
+        if vision is not None:
+            if not view_pixels or any(k not in view_pixels for k in reports):
+                raise ValueError(f"a trainable vision encoder needs the view pixels of every split {sorted(reports)} "
+                                 "(view_pixels)")
+            self.trainee = WithVision(vision, self.trainee)
         self.text = {split: aux.tokenize(texts) for split, texts in reports.items()} if "tvc" in on else None
         self.rec_targets = rec_targets if "rec" in on else None
         self.terms = ["vtc", *sorted(on)] if self.weights != {"vtc": 1.0, "tvc": 0.0, "rec": 0.0} else []
@@ -211,13 +274,49 @@ class GeneratorTask:
         return label(texts, self.labels.labeler, device=str(self.device), **self.labels.options())
 
     def split_state(self, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """fit's kept weights -> (the generator's, as ``weights.safetensors`` holds them; the auxiliary heads')."""
-        return (state, {}) if self.aux is None else self.trainee.split_state(state)
+        """fit's kept weights -> (the generator's, as ``weights.safetensors`` holds them; the auxiliary heads');
+        a trainable encoder's are :meth:`vision_state`'s."""
+        if self.vision is not None:
+            state = WithVision.split_state(state)[0]
+        if self.aux is None:
+            return state, {}
+        from .models.bidirectional import Bidirectional
 
-    def loss(self, net: torch.nn.Module, split: str, b: torch.Tensor) -> tuple[torch.Tensor, int]:
+        return Bidirectional.split_state(state)
+
+    def vision_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """fit's kept weights -> the trainable encoder's, under the tower's names ({} without one)."""
+        return {} if self.vision is None else WithVision.split_state(state)[1]
+
+    def read_views(self, split: str, b: torch.Tensor) -> torch.Tensor:
+        """uint8 view pixels ``(len(b), V, H, W)`` of studies ``b`` of ``split`` (one read of the pixel store)."""
+        pixels, view_rows = self.view_pixels[split]
+        return StudyViews(pixels, view_rows).__getitems__(b.tolist())[1]
+
+    def loader(self, shards: list[torch.Tensor]) -> torch.utils.data.DataLoader:
+        """fit's ``loader`` with a trainable encoder: ``(study indices, view pixels)`` of each shard, read
+        ahead of the step (``loader_workers`` processes, pinned memory on CUDA)."""
+        pixels, view_rows = self.view_pixels["train"]
+        workers = self.loader_workers
+        return torch.utils.data.DataLoader(
+            StudyViews(pixels, view_rows), batch_sampler=[s.tolist() for s in shards], collate_fn=as_batch,
+            num_workers=workers, pin_memory=self.device.type == "cuda", prefetch_factor=2 if workers else None,
+            generator=torch.Generator().manual_seed(0))  # no draw from the global RNG (see ClassifierTask.loader)
+
+    def visual_input(self, split: str, b: torch.Tensor, pixels: torch.Tensor | None = None) -> torch.Tensor:
+        """What the trainee's first argument is for rows ``b``: the cached F, or with a trainable encoder the
+        view ``pixels`` (read here unless the loader already did), on the device."""
+        if self.vision is None:
+            return self.features[split][0][b].to(self.device)
+        return (self.read_views(split, b) if pixels is None else pixels).to(self.device, non_blocking=True)
+
+    def loss(self, net: torch.nn.Module, split: str, b: torch.Tensor,
+             pixels: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
         """Mean loss over the report tokens of rows ``b`` of ``split`` and how many tokens that is (with the
-        auxiliary terms: their weighted per-study means added; each term's value is kept in ``_last``)."""
-        (f, fd), (tok, mask) = self.features[split], self.ids[split]
+        auxiliary terms: their weighted per-study means added; each term's value is kept in ``_last``);
+        ``pixels``: the rows' view images when already read (:meth:`visual_input`)."""
+        (_, fd), (tok, mask) = self.features[split], self.ids[split]
+        f = self.visual_input(split, b, pixels)
         width = int(mask[b].sum(1).max())
         n = int(mask[b].sum())
         read = word_dropout(tok[b, :width], mask[b, :width], self.word_dropout if split == "train" else 0.0,
@@ -225,7 +324,7 @@ class GeneratorTask:
         read = {} if read is None else {"input_ids": read.to(self.device)}
         if self.aux is None:
             with autocast(self.device, self.precision):
-                loss = net(f[b].to(self.device), fd[b].to(self.device), tok[b, :width].to(self.device),
+                loss = net(f, fd[b].to(self.device), tok[b, :width].to(self.device),
                            mask[b, :width].to(self.device), **read).float()
             if self.terms:
                 self._last = {"vtc": float(loss.detach())}
@@ -239,7 +338,7 @@ class GeneratorTask:
         if self.rec_targets is not None:
             extra["rec_target"] = self.rec_targets[split][b].to(self.device)
         with autocast(self.device, self.precision):
-            out = net(f[b].to(self.device), fd[b].to(self.device), tok[b, :width].to(self.device),
+            out = net(f, fd[b].to(self.device), tok[b, :width].to(self.device),
                       mask[b, :width].to(self.device), **extra, **read)
         out = {k: v.float() for k, v in out.items()}
         self._last = {k: float(v.detach()) for k, v in out.items()}
@@ -270,8 +369,11 @@ class GeneratorTask:
         return {f"{prefix}_{k}": float(sums[2 * i] / sums[2 * i + 1]) for i, k in enumerate(("vtc", "tvc", "rec"))
                 if k in self.terms and sums[2 * i + 1] > 0}
 
-    def batch_loss(self, net: torch.nn.Module, b: torch.Tensor) -> tuple[torch.Tensor, int]:
-        loss, n = self.loss(net, "train", b)
+    def batch_loss(self, net: torch.nn.Module, batch) -> tuple[torch.Tensor, int]:
+        """fit's ``batch_loss``: ``batch`` is the training rows, or with a trainable encoder :meth:`loader`'s
+        ``(rows, view pixels)``."""
+        b, pixels = batch if self.vision is not None else (batch, None)
+        loss, n = self.loss(net, "train", b, pixels)
         if self.terms:
             self._accumulate(self._train_sums, len(b), n)
         return loss, n
@@ -281,17 +383,22 @@ class GeneratorTask:
         self.model.eval()
         if self.aux is not None:
             self.aux.eval()
-        f, fd = self.features["val"]
+        if self.vision is not None:
+            self.vision.eval()
+        fd = self.features["val"][1]
         total, n_tokens, hyps = 0.0, 0, []
         val_sums = torch.zeros(2 * 3, dtype=torch.float64)
-        for b in progress(torch.arange(len(f)).split(self.batch_size), "validation decoding", unit="batch"):
-            loss, n = self.loss(self.trainee, "val", b)  # the generator itself unless a head is on
+        for b in progress(torch.arange(len(fd)).split(self.batch_size), "validation decoding", unit="batch"):
+            pixels = None if self.vision is None else self.read_views("val", b)
+            loss, n = self.loss(self.trainee, "val", b, pixels)  # the generator itself unless a head/encoder is on
             if self.terms:
                 self._accumulate(val_sums, len(b), n)
                 loss = self._last["vtc"]  # val_loss is the VTC report loss, whatever the weights
             total, n_tokens = total + float(loss) * n, n_tokens + n
             with autocast(self.device, self.precision):
-                hyps += self.model.generate(f[b].to(self.device), fd[b].to(self.device), self.val_decode)
+                f = self.visual_input("val", b, pixels)
+                f = f if self.vision is None else self.vision(f)
+                hyps += self.model.generate(f, fd[b].to(self.device), self.val_decode)
         nlg = nlg_scores(self.reports["val"], hyps, meteor=False)
         ce = ce_scores(self.labeler(hyps), self.ref_labels, uncertain_as=self.ce_uncertain_as, labels=self.ce_labels)
         out = {"val_loss": total / max(n_tokens, 1), "val_bleu4": nlg["BLEU_4"], "val_cider": nlg["CIDEr"],

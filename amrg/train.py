@@ -20,7 +20,7 @@ import contextlib
 import copy
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -45,6 +45,11 @@ class LoopConfig:
     checkpoint_every: int = 50
     seed: int = 0
     max_grad_norm: float = 1.0
+    betas: tuple = (0.9, 0.999)  # AdamW's (MambaXray-VL's pre-training: (0.9, 0.95))
+    # learning rate of the parameters whose name starts with a prefix (e.g. a trainable encoder's own lr);
+    # every other trainable parameter gets ``lr``. One AdamW param group each, sharing the schedule.
+    lr_by_prefix: dict = field(default_factory=dict)
+    no_decay_1d: bool = False  # no weight decay on 1-D parameters (norms, biases, scales), as MAE / ARM train
 
 
 @dataclass(frozen=True)
@@ -102,6 +107,30 @@ def balanced_weights(labels, exponent: float) -> torch.Tensor | None:
     return torch.where(w > 0, w, torch.ones_like(w))
 
 
+def param_groups(names: list[str], params: list[torch.nn.Parameter], cfg: LoopConfig) -> list[dict]:
+    """AdamW param groups: one per ``cfg.lr_by_prefix`` entry (its lr), then the rest at ``cfg.lr``; a prefix
+    that matches no trainable parameter is an error (a misspelt module name would silently train at ``lr``).
+    ``cfg.no_decay_1d`` splits every group into its matrices and its 1-D parameters, the latter without decay."""
+    groups, taken = [], set()
+    for prefix, lr in cfg.lr_by_prefix.items():
+        members = [i for i, n in enumerate(names) if n.startswith(prefix) and i not in taken]
+        if not members:
+            raise ValueError(f"lr_by_prefix: no trainable parameter name starts with {prefix!r}")
+        taken.update(members)
+        groups.append({"params": [params[i] for i in members], "lr": lr})
+    rest = [p for i, p in enumerate(params) if i not in taken]
+    groups = ([{"params": rest}] if rest else []) + groups
+    if not cfg.no_decay_1d:
+        return groups
+    split = []
+    for g in groups:
+        for decayed in (True, False):
+            members = [p for p in g["params"] if (p.ndim > 1) == decayed]
+            if members:
+                split.append({**g, "params": members, **({} if decayed else {"weight_decay": 0.0})})
+    return split
+
+
 def shard(batch: torch.Tensor, ctx: dist.Context) -> tuple[torch.Tensor, bool]:
     """This rank's contiguous slice of a global batch; an empty slice borrows one item, flagged, so
     every rank still runs the forward/backward that DDP's all-reduce waits for."""
@@ -132,7 +161,8 @@ def fit(model: torch.nn.Module, n_train: int,
             broadcast_buffers=False)  # the fixed memory banks are identical on every rank
     params = [p for p in model.parameters() if p.requires_grad]
     names = [n for n, p in model.named_parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(param_groups(names, params, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                            betas=tuple(cfg.betas))
     per_epoch = math.ceil(math.ceil(n_train / cfg.batch_size) / cfg.grad_accum)
     sched = get_cosine_schedule_with_warmup(opt, cfg.warmup_steps, per_epoch * cfg.epochs)
     state = {"epoch": 0, "batch": 0, "step": 0, "best": None, "best_score": None, "best_epoch": None, "history": []}

@@ -87,3 +87,24 @@ class Timer:
 
     def __call__(self) -> float:
         return round(time.perf_counter() - self.t0, 3)
+
+
+def clear_stage_dir(out: Path) -> None:
+    """Remove whatever an earlier run left in a stage's output directory (a stage that writes less than its
+    last run, e.g. a pre-training stage switched off, leaves no stale file behind)."""
+    import shutil
+
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+
+
+def peak_memory_mb(device) -> float:
+    """Peak memory of this process: the CUDA allocator's peak on a GPU, the max resident set size on CPU."""
+    import resource
+
+    import torch
+
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB

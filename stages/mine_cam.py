@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     mined, empty = np.zeros(len(scores), bool), np.zeros(len(scores), bool)
     done, masks, masked, overlays = [np.zeros(0, np.int64)], [np.zeros((0, side, side), bool)], \
         [np.zeros((0, size, size), np.uint8)], {}
-    miner = CamMiner(model, p.method)
+    miner = CamMiner(model, p.method, p.backend, params.runtime.precision)
     try:
         for round_ in itertools.count(1):  # each round mines >= 1 new candidate, or ends the loop
             keep = select_regions(scores, cand_dis, p.max_per_disease, p.select, params.runtime.seed, eligible=~empty)

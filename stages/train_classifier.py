@@ -7,9 +7,15 @@ image's disease features), keeps the epoch with the best validation mean AUROC, 
 mean BCE and orthogonality terms). The Q-Former is ``qformer.kind`` (scratch, or BLIP-2's, optionally
 initialised from ``qformer.pretrained``). The input size is the preprocessed images' own. Runs
 data-parallel under torchrun when ``runtime.num_processes > 1`` (:mod:`amrg.dist`).
+
+Training input (issue 19): batches are read ahead of the step by :meth:`amrg.tasks.ClassifierTask.loader`
+(``runtime.loader_workers`` processes, pinned memory and non-blocking copies on CUDA); on CUDA a convolutional
+encoder is held channels-last (:func:`memory_layout`); metrics.json reports the peak memory (CUDA allocator
+peak, or max RSS on CPU).
 """
 
 from __future__ import annotations
+
 
 import numpy as np
 import torch
@@ -22,7 +28,22 @@ from amrg.models.classifier import ClassifierSpec, DiseaseClassifier, positive_w
 from amrg.tasks import ClassifierTask
 from amrg.train import LoopConfig, Selection, fit
 
-from .common import Timer, fingerprint, log_history, start, write_resolved
+from .common import Timer, fingerprint, log_history, peak_memory_mb, start, write_resolved
+
+
+
+def is_conv_model(encoder: torch.nn.Module) -> bool:
+    """A convolutional backbone: more than one ``Conv2d`` (Swin and ViT have exactly one, the patch embedding)."""
+    return sum(isinstance(m, torch.nn.Conv2d) for m in encoder.modules()) > 1
+
+
+def memory_layout(model: DiseaseClassifier, device: torch.device) -> DiseaseClassifier:
+    """Channels-last weights for a convolutional encoder on CUDA (cuDNN's NHWC kernels, tensor cores under
+    bf16; the convolutions then run channels-last whatever the input's layout). Elsewhere, and for Swin/ViT,
+    nothing changes. Saved weights are the same values (``save_tensors`` writes contiguous tensors)."""
+    if device.type == "cuda" and is_conv_model(model.encoder):
+        model.encoder.to(memory_format=torch.channels_last)
+    return model
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -38,6 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     spec = ClassifierSpec(params.vision.name, dict(params.vision.kwargs), int(pixels.shape[-1]),
                           q.dim, q.layers, q.heads, q.n_queries, q.kind, q.cross_attention_frequency)
     model = DiseaseClassifier(spec, params.vision.pretrained, params.vision.checkpoint, q.pretrained).to(device)
+    model = memory_layout(model, device)
     spec = model.spec  # a BLIP-2 Q-Former's spec holds its config
     pos_weight = positive_weights(targets[train], c.pos_weight_cap).to(device) if c.pos_weight else None
     task = ClassifierTask(model, pixels, targets, train, val, c.ortho_weight, pos_weight, c.batch_size, device,
@@ -62,6 +84,7 @@ def main(argv: list[str] | None = None) -> None:
                                       "best_epoch": fitted.best["epoch"], "ortho_on": c.ortho_on,
                                       "train_ortho": fitted.best.get("train_ortho"),
                                       "train_images_per_s": round(len(train) * len(fitted.history) / train_seconds, 1),
+                                      "peak_memory_mb": peak_memory_mb(device),
                                       "val": val_metrics})
     log_history(out, fitted.history)
     write_resolved(out, vision=params.vision, qformer=params.qformer, classifier=c, runtime=params.runtime)

@@ -59,14 +59,19 @@ def test_every_declared_param_is_a_leaf_key():
             for part in key.split("."):
                 assert isinstance(node, dict) and part in node, f"{stage}: {key} is not in params.yaml"
                 node = node[part]
-            assert not isinstance(node, dict) or key == "vision.kwargs", f"{stage}: {key} is a section"
+            assert not isinstance(node, dict) or key in DICT_PARAMS, f"{stage}: {key} is a section"
 
+
+# params whose value is a mapping, tracked whole (timm / VisionMamba keyword overrides)
+DICT_PARAMS = {"vision.kwargs", "pretrain_vision.kwargs", "pretrain_contrastive.vision_kwargs", "generator_vision.kwargs"}
 
 # the knobs no stage tracks, because they cannot change a result (README: "The pipeline")
 UNTRACKED = {
     "runtime.device", "runtime.num_threads",  # rounding only / speed
     "runtime.num_processes",  # N processes follow one process's gradient exactly (tests/test_distributed.py)
     "classifier.checkpoint_every", "generator.checkpoint_every",  # resumability only
+    "pretrain_vision.checkpoint_every", "pretrain_contrastive.checkpoint_every",
+    "decode.backend", "decode.compile",  # how the tokens are found, not which (tests/test_decoding.py)
     "llm.gradient_checkpointing",  # same gradients (tests/test_training.py)
     "cam.batch_size", "banks.visual.batch_size", "banks.report.batch_size", "evaluate.batch_size",
     "score.batch_size",  # inference batch sizes
@@ -78,7 +83,7 @@ def _leaves(d: dict, prefix: str = "") -> set[str]:
     out = set()
     for k, v in d.items():
         key = f"{prefix}{k}"
-        out |= _leaves(v, key + ".") if isinstance(v, dict) and key != "vision.kwargs" else {key}
+        out |= _leaves(v, key + ".") if isinstance(v, dict) and key not in DICT_PARAMS else {key}
     return out
 
 
@@ -92,9 +97,9 @@ def test_every_params_key_is_read_by_a_stage_or_untracked_with_a_reason():
 
 # key -> a new value, and the stages that must rerun (none: a knob that cannot change a result)
 PER_KEY = [
-    ("runtime.seed", 7, {"preprocess", "train_classifier", "mine_cam", "encode_report_bank", "train_generator",
-                         "evaluate", "score"}),
-    ("runtime.precision", "bf16", {"train_classifier", "mine_cam", "encode_visual_bank", "encode_report_bank",
+    ("runtime.seed", 7, {"preprocess", "pretrain_vision", "pretrain_contrastive", "train_classifier", "mine_cam",
+                         "encode_report_bank", "train_generator", "evaluate", "score"}),
+    ("runtime.precision", "bf16", {"pretrain_vision", "pretrain_contrastive", "train_classifier", "mine_cam", "encode_visual_bank", "encode_report_bank",
                                    "train_generator", "evaluate"}),
     ("runtime.num_threads", 1, set()),
     ("runtime.num_processes", 2, set()),
@@ -135,6 +140,14 @@ PER_KEY = [
     ("score.bertscore_layer", 3, {"score"}),
     ("score.batch_size", 8, set()),
     ("evaluate.batch_size", 4, set()),
+    ("cam.backend", "native", {"mine_cam", "evaluate"}),
+    ("decode.backend", "hf", set()),
+    ("pretrain_vision.epochs", 3, {"pretrain_vision"}),
+    ("pretrain_vision.checkpoint_every", 7, set()),
+    ("pretrain_vision.name", "amrg_vim_base_pz16", {"pretrain_vision", "pretrain_contrastive"}),
+    ("pretrain_contrastive.enabled", True, {"pretrain_contrastive"}),
+    ("generator_vision.lr", 1.0e-4, {"train_generator"}),
+    ("generator.query_tokens", False, {"train_generator"}),
 ]
 
 

@@ -202,9 +202,9 @@ def test_length_penalty_reaches_beam_search(monkeypatch):
     generate = gen.llm.generate
     monkeypatch.setattr(gen.llm, "generate", lambda **kw: (seen.append(kw), generate(**kw))[1])
     f, fd = _inputs()
-    out = gen.generate(f, fd, Decode(num_beams=3, max_new_tokens=4, length_penalty=-2.5))
+    out = gen.generate(f, fd, Decode(num_beams=3, max_new_tokens=4, length_penalty=-2.5, backend="hf"))
     assert len(out) == 2 and seen[-1]["length_penalty"] == -2.5 and seen[-1]["num_beams"] == 3
-    gen.generate(f, fd, Decode(num_beams=1, max_new_tokens=4, length_penalty=2.0))
+    gen.generate(f, fd, Decode(num_beams=1, max_new_tokens=4, length_penalty=2.0, backend="hf"))
     assert "length_penalty" not in seen[-1]  # greedy: HF has no use for it
     assert Decode(length_penalty=-1.0).check() == []
     assert Decode(length_penalty=float("nan")).check() and Decode(length_penalty=float("inf")).check()

@@ -138,3 +138,30 @@ def test_generator_stage_on_two_processes_matches_one(repo):
         assert (w1[k] - w2[k]).abs().max() < 1e-3, k
     (dst / "params_1.yaml").unlink()
     (dst / "params_2.yaml").unlink()
+
+
+def test_evaluate_on_two_processes_and_either_decoder_gives_the_same_reports(repo):
+    """The test reports of evaluate under torchrun (2 gloo processes, each decoding a share, gathered in
+    study order) equal one process's, and the native decoder's equal HF generate's on the trained run."""
+    dst, env = repo
+    if not (dst / "artifacts/generator/weights.safetensors").exists():
+        run([sys.executable, "-m", "dvc", "repro", "train_generator"], dst, env)
+    params = yaml.safe_load((dst / "params.yaml").read_text())
+    params["evaluate"].update(bootstrap=0, report_samples=0)
+    params["decode"].update(num_beams=3, max_new_tokens=12)
+    got = {}
+    for n, backend in ((1, "native"), (2, "native"), (1, "hf")):
+        params["runtime"]["num_processes"] = n
+        params["decode"]["backend"] = backend
+        path = dst / "params_eval.yaml"
+        path.write_text(yaml.safe_dump(params, sort_keys=False))
+        out = run([sys.executable, "-m", "stages.evaluate", "--params", str(path)], dst,
+                  dict(env, CUDA_VISIBLE_DEVICES=""))
+        gen = json.loads((dst / "artifacts/eval/metrics.json").read_text())["generation"]
+        assert (gen["processes"], gen["backend"], gen["device"], gen["num_beams"]) == (n, backend, "cpu", 3), out
+        got[n, backend] = pq.read_table(dst / "artifacts/eval/predictions.parquet").to_pydict()
+    path.unlink()
+    one = got[1, "native"]
+    assert len(one["id"]) == 12 and any(one["generated"])
+    assert got[2, "native"] == one
+    assert got[1, "hf"]["generated"] == one["generated"]

@@ -5,9 +5,9 @@ Per study the LLM reads ``[BOS, text before, F, Q, F', text after]`` then the re
 ``{prompt}`` replaced by the prompt (default ``"{image} {prompt}"``: [BOS, F, Q, F', prompt]; R2GenGPT's and
 the released code's chat wrapper ``"Human: <Img>{image}</Img> {prompt} \\nAssistant:"``). The image part is
 the projected visual tokens F (both views, or their mean: :func:`amrg.models.features.visual_tokens`),
-the Q-Former query tokens Q (the 14 disease features F_d projected) and the enhanced tokens F' = per
-disease [V-Hopfield(F_d[k]), R-Hopfield(F_d[k])] (eq. 8-9, 2 x 14 rows), optionally under one LayerNorm
-(``generator.embed_norm``, the released code's ``layer_norm``). The loss covers report tokens only
+the Q-Former query tokens Q (the 14 disease features F_d projected; none with ``generator.query_tokens``
+false) and the enhanced tokens F' = per disease [V-Hopfield(F_d[k]), R-Hopfield(F_d[k])] (eq. 8-9, 2 x 14
+rows), optionally under one LayerNorm (``generator.embed_norm``, the released code's ``layer_norm``). The loss covers report tokens only
 (eq. 12). Ablations: a Hopfield whose bank is ``None`` is switched off (Table IV rows #01-#04).
 ``hopfield.top_k`` with ``index`` (the ``banks.index`` options) retrieves from each bank's faiss top-k
 instead of the whole bank. Seed 004's
@@ -42,12 +42,27 @@ def llm_dtype(llm, precision: str, device: torch.device) -> str:
 
 
 @dataclass(frozen=True)
+class VisionSpec:
+    """The generator-side vision encoder whose tokens F the LLM reads (``generator_vision``, seed 002 C0/C4):
+    ``source`` pretrained | timm, the timm ``name`` and ``kwargs`` it is built with, the ``image_size`` it
+    reads (the view pixels are resized to it on the device) and whether it was trained with the generator.
+    Its weights lie beside the generator's (:data:`amrg.models.features.VISION_WEIGHTS`), so inference
+    rebuilds it without the pre-training outputs."""
+
+    source: str
+    name: str
+    kwargs: dict
+    image_size: int
+    trainable: bool = False
+
+
+@dataclass(frozen=True)
 class GeneratorSpec:
     """Everything needed to rebuild a trained generator besides its weights and banks (written to
     ``generator/config.json``): the LLM section, the Hopfield memories and their index, the prompt,
     the visual pooling, the input widths, the LLM's weight dtype, the prompt template, the image-part
-    LayerNorm and how the views' visual tokens are combined (a spec saved before a field existed loads
-    with its default)."""
+    LayerNorm, how the views' visual tokens are combined, whether Q is in the prefix and the generator-side
+    vision encoder (a spec saved before a field existed loads with its default)."""
 
     llm: Llm
     hopfield: Hopfield
@@ -60,6 +75,8 @@ class GeneratorSpec:
     prompt_template: str = DEFAULT_TEMPLATE  # generator.prompt_template (split_template)
     embed_norm: bool = False  # generator.embed_norm
     views: str = "concat"  # generator.views: concat | mean (amrg.models.features.visual_tokens)
+    query_tokens: bool = True  # generator.query_tokens: Q in the prefix (false: [F, F'] only)
+    vision: VisionSpec | None = None  # the generator-side encoder of F (None: the stage-1 classifier's)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -68,8 +85,9 @@ class GeneratorSpec:
     def from_dict(cls, d: dict) -> "GeneratorSpec":
         from ..config import BankIndex, Hopfield, Llm
 
+        vision = VisionSpec(**d["vision"]) if d.get("vision") else None
         return cls(**{**d, "llm": Llm(**d["llm"]), "hopfield": Hopfield(**d["hopfield"]),
-                      "index": BankIndex(**d["index"])})
+                      "index": BankIndex(**d["index"]), "vision": vision})
 
 
 def create_generator(spec: GeneratorSpec, visual_bank: torch.Tensor | None, report_bank: torch.Tensor | None, *,
@@ -83,7 +101,7 @@ def create_generator(spec: GeneratorSpec, visual_bank: torch.Tensor | None, repo
                                 prompt=" ".join(split_template(spec.prompt_template, spec.prompt)))
     return ReportGenerator(llm, tokenizer, spec.visual_dim, spec.query_dim, visual_bank, report_bank, spec.hopfield,
                            spec.prompt, dataclasses.asdict(spec.index), template=spec.prompt_template,
-                           embed_norm=spec.embed_norm)
+                           embed_norm=spec.embed_norm, query_tokens=spec.query_tokens)
 
 
 def split_template(template: str, prompt: str) -> tuple[str, str]:
@@ -108,12 +126,15 @@ def enhanced_tokens(v_hopfield: nn.Module | None, r_hopfield: nn.Module | None,
 class ReportGenerator(nn.Module):
     def __init__(self, llm, tokenizer, visual_dim: int, query_dim: int, visual_bank: torch.Tensor | None,
                  report_bank: torch.Tensor | None, hopfield, prompt: str, index: dict | None = None, *,
-                 template: str = DEFAULT_TEMPLATE, embed_norm: bool = False):
+                 template: str = DEFAULT_TEMPLATE, embed_norm: bool = False, query_tokens: bool = True):
         super().__init__()
         self.llm, self.tokenizer = llm, tokenizer
         hidden = llm.config.hidden_size
         self.proj_visual = nn.Sequential(nn.LayerNorm(visual_dim), nn.Linear(visual_dim, hidden))
-        self.proj_query = nn.Sequential(nn.LayerNorm(query_dim), nn.Linear(query_dim, hidden))
+        # Q (generator.query_tokens); off, no projection is built: nothing untrained in the weights, none unused
+        # under DDP (F_d still feeds the Hopfield memories)
+        self.proj_query = nn.Sequential(nn.LayerNorm(query_dim), nn.Linear(query_dim, hidden)) if query_tokens \
+            else None
         kw = dict(cfg=hopfield, query_dim=query_dim, out_dim=hidden, index=index)
         self.v_hopfield = HopfieldRetrieval.from_config(memory=visual_bank, **kw) if visual_bank is not None else None
         self.r_hopfield = HopfieldRetrieval.from_config(memory=report_bank, **kw) if report_bank is not None else None
@@ -138,8 +159,11 @@ class ReportGenerator(nn.Module):
     def image_embeds(self, visual_tokens: torch.Tensor, disease_features: torch.Tensor,
                      visual: torch.Tensor | None = None) -> torch.Tensor:
         """The image part [F, Q, F'] of eq. 10, ``(B, N_F + 14 + 14 * n_on, hidden)`` float32, under one
-        LayerNorm when ``embed_norm``; ``visual``: see :meth:`prefix`."""
-        parts = [self.visual_embeds(visual_tokens) if visual is None else visual, self.proj_query(disease_features)]
+        LayerNorm when ``embed_norm``; without query tokens [F, F'] (``(B, N_F + 14 * n_on, hidden)``; with both
+        memories off [F], the R2GenGPT / MambaXray-VL image part); ``visual``: see :meth:`prefix`."""
+        parts = [self.visual_embeds(visual_tokens) if visual is None else visual]
+        if self.proj_query is not None:
+            parts.append(self.proj_query(disease_features))
         if (enhanced := enhanced_tokens(self.v_hopfield, self.r_hopfield, disease_features)) is not None:
             parts.append(enhanced)
         image = torch.cat([p.float() for p in parts], dim=1)
@@ -174,14 +198,19 @@ class ReportGenerator(nn.Module):
     def generate(self, visual_tokens, disease_features, decode) -> list[str]:
         prefix = self.prefix(visual_tokens, disease_features)
         mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
-        # length_penalty scores finished beams; HF ignores it (with a warning) in greedy decoding
-        beams = {"length_penalty": decode.length_penalty} if decode.num_beams > 1 else {}
-        out = self.llm.generate(inputs_embeds=prefix, attention_mask=mask, num_beams=decode.num_beams,
-                                max_new_tokens=decode.max_new_tokens, min_new_tokens=decode.min_new_tokens,
-                                repetition_penalty=decode.repetition_penalty,
-                                no_repeat_ngram_size=decode.no_repeat_ngram_size, do_sample=False,
-                                eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
-                                **beams)
+        special = {"eos_token_id": self.tokenizer.eos_token_id, "pad_token_id": self.tokenizer.pad_token_id}
+        if decode.backend == "native":  # the same tokens from a static-cache loop (issue 19)
+            from .decoding import generate as native_generate
+
+            out = native_generate(self.llm, prefix, mask, decode, **special)
+        else:
+            # length_penalty scores finished beams; HF ignores it (with a warning) in greedy decoding
+            beams = {"length_penalty": decode.length_penalty} if decode.num_beams > 1 else {}
+            out = self.llm.generate(inputs_embeds=prefix, attention_mask=mask, num_beams=decode.num_beams,
+                                    max_new_tokens=decode.max_new_tokens, min_new_tokens=decode.min_new_tokens,
+                                    repetition_penalty=decode.repetition_penalty,
+                                    no_repeat_ngram_size=decode.no_repeat_ngram_size, do_sample=False, **special,
+                                    **beams)
         return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:

@@ -4,7 +4,8 @@ Whatever the family's native layout (Swin's channels-last ``(B, H, W, C)``, ViT'
 CNN's ``(B, C, H, W)``), features pass through :attr:`VisionEncoder.feature_map`, an identity module
 that always sees ``(B, C, H, W)``: it is the GradCAM target layer for every family, so CAM needs no
 per-family reshape. Input is uint8 grayscale ``(B, H, W)``; scaling, channel replication and the
-model's own normalisation happen on the device.
+model's own normalisation happen on the device. amrg's Vision-Mamba presets (:mod:`amrg.models.vim`:
+``amrg_vim_tiny_pz16``, ``_base_``, ``_large_``) are timm names like any other.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from ..io import load_tensors
+from . import vim  # noqa: F401  (registers the amrg_vim_*_pz16 names with timm)
 
 
 class VisionEncoder(nn.Module):
