@@ -6,7 +6,8 @@ Vision-Mamba encoder in its pretrain form (:data:`amrg.models.vim.VARIANTS` ``pr
 
 ``objective: arm`` trains on the train-split images of preprocess plus every image file under
 ``pretrain_vision.extra_images`` (recursive; ``README.md`` and files that do not decode as images are
-skipped, counted), decoded with :mod:`amrg.data.images` at the preprocessed size. Any training image whose
+skipped, counted), decoded once with :mod:`amrg.data.images` at the preprocessed size and streamed to a row
+file under the checkpoints root (memory does not grow with the folder). Any training image whose
 pixels equal a validation or test image (SHA-1 of the pixels) is dropped and counted. The validation
 images give the validation loss (the whole image resized, no augmentation). On the device, each batch is
 resized to ``image_size`` through one batched RandomResizedCrop (area scale ``(rrc_scale_min, 1)``, aspect
@@ -32,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from amrg.data.images import ImageError, decode_image
-from amrg.data.store import load_images
+from amrg.data.store import TensorRows, load_images, write_rows
 from amrg.io import autocast, save_tensors, setup_runtime, write_json
 from amrg.models.arm import ARMPretrainer
 from amrg.models.vim import VARIANTS
@@ -74,28 +75,40 @@ def train_rows_without(pixels, rows: np.ndarray, held: set[str]) -> tuple[np.nda
     return rows[keep], int((~keep).sum())
 
 
-def extra_images(folder: str, size: int, held: set[str], log) -> tuple[np.ndarray, dict]:
-    """Decode every image under ``folder`` at ``size`` (uint8 ``(N, size, size)``); files that are not
-    images are skipped, duplicates of held-out images dropped; returns the images and the counts."""
+def extra_images(folder: str, size: int, held: set[str], out: Path, log) -> tuple[TensorRows | None, np.ndarray, dict]:
+    """Decode every image under ``folder`` at ``size`` once, streamed to the row file ``out`` (memory: one batch,
+    whatever the folder holds); files that are not images are skipped and duplicates of held-out images
+    dropped, each counted. Returns the row file (None: no file), the rows to train on and the counts."""
     root = Path(folder)
     if not root.is_dir():
         raise FileNotFoundError(f"pretrain_vision.extra_images: {root} is not a folder (make it, or point the key "
                                 "at a folder of images; it may be empty)")
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.name not in IGNORED_FILES)
-    kept, counts = [], {"extra_images": 0, "extra_duplicates_dropped": 0, "extra_not_images": 0}
-    for path in files:
-        try:
-            img = decode_image(root, path.relative_to(root).as_posix(), size)
-        except ImageError as e:
-            log.info("extra image skipped: %s", e)
-            counts["extra_not_images"] += 1
-            continue
-        if pixel_hash(img) in held:
-            counts["extra_duplicates_dropped"] += 1
-            continue
-        kept.append(img)
-    counts["extra_images"] = len(kept)
-    return (np.stack(kept) if kept else np.zeros((0, size, size), np.uint8)), counts
+    counts = {"extra_images": 0, "extra_duplicates_dropped": 0, "extra_not_images": 0}
+    keep = np.zeros(len(files), dtype=bool)
+
+    def batches():
+        for at in range(0, len(files), HASH_BATCH):
+            chunk = np.zeros((len(files[at:at + HASH_BATCH]), size, size), np.uint8)
+            for j, path in enumerate(files[at:at + HASH_BATCH]):
+                try:
+                    img = decode_image(root, path.relative_to(root).as_posix(), size)
+                except ImageError as e:
+                    log.info("extra image skipped: %s", e)
+                    counts["extra_not_images"] += 1
+                    continue
+                if pixel_hash(img) in held:
+                    counts["extra_duplicates_dropped"] += 1
+                    continue
+                chunk[j], keep[at + j] = img, True
+            yield (chunk,)
+
+    if not files:
+        return None, np.zeros(0, np.int64), counts
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows = write_rows([out], len(files), batches())[0]
+    counts["extra_images"] = int(keep.sum())
+    return rows, np.flatnonzero(keep), counts
 
 
 def crop_boxes(n: int, scale_min: float, flip: bool) -> torch.Tensor:
@@ -114,15 +127,17 @@ def crop_boxes(n: int, scale_min: float, flip: bool) -> torch.Tensor:
 
 
 class PretrainImages:
-    """uint8 training images (the kept train rows of the pixel store, then the extras) -> model input."""
+    """uint8 training images (the kept train rows of the pixel store, then the kept rows of the extra images'
+    row file) -> model input; both read by rows, nothing held in memory."""
 
-    def __init__(self, pixels, rows: np.ndarray, extras: np.ndarray, size: int, mean, std, device):
-        self.pixels, self.rows, self.extras, self.size, self.device = pixels, rows, torch.from_numpy(extras), size, device
+    def __init__(self, pixels, rows: np.ndarray, extras, extra_rows: np.ndarray, size: int, mean, std, device):
+        self.pixels, self.rows, self.size, self.device = pixels, rows, size, device
+        self.extras, self.extra_rows = extras, extra_rows
         self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
         self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
 
     def __len__(self) -> int:
-        return len(self.rows) + len(self.extras)
+        return len(self.rows) + len(self.extra_rows)
 
     def read(self, idx: torch.Tensor) -> torch.Tensor:
         idx = idx.numpy()
@@ -131,7 +146,7 @@ class PretrainImages:
         if store.any():
             out[torch.from_numpy(store)] = self.pixels[self.rows[idx[store]]]
         if (~store).any():
-            out[torch.from_numpy(~store)] = self.extras[idx[~store] - len(self.rows)]
+            out[torch.from_numpy(~store)] = self.extras[self.extra_rows[idx[~store] - len(self.rows)]]
         return out
 
     def to_input(self, images: torch.Tensor, theta: torch.Tensor | None) -> torch.Tensor:
@@ -159,7 +174,8 @@ def main(argv: list[str] | None = None) -> None:
     pixels, size = images.pixels, int(images.pixels.shape[-1])
     held = held_out_hashes(pixels, np.flatnonzero(np.isin(images.split, ["val", "test"])))
     train, dropped = train_rows_without(pixels, np.flatnonzero(images.split == "train"), held)
-    extras, counts = extra_images(pv.extra_images, size, held, log)
+    extras, extra_rows, counts = extra_images(pv.extra_images, size, held,
+                                              layout.checkpoints / STAGE / "extra_pixels.npy", log)
     val = np.flatnonzero(images.split == "val")
 
     kwargs = encoder_kwargs(pv.kwargs)
@@ -169,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     model = ARMPretrainer(encoder, pv.cluster, pv.feature_layers, pv.decoder_dim, pv.decoder_depth,
                           pv.decoder_heads, pv.target, pv.norm_pix_loss).to(device)
     cfg = encoder.pretrained_cfg
-    data = PretrainImages(pixels, train, extras, pv.image_size, cfg["mean"], cfg["std"], device)
+    data = PretrainImages(pixels, train, extras, extra_rows, pv.image_size, cfg["mean"], cfg["std"], device)
     if len(data) == 0:
         raise ValueError("pretrain_vision: no training image (no train split image and no extra image)")
     precision = params.runtime.precision
@@ -201,6 +217,7 @@ def main(argv: list[str] | None = None) -> None:
                  Selection.of("val_loss" if len(val) else "train_loss"))
     model.load_state_dict(fitted.best_state, strict=False)
     seconds = timer()
+    (layout.checkpoints / STAGE / "extra_pixels.npy").unlink(missing_ok=True)
 
     save_tensors(out / "backbone.safetensors", {k: v.contiguous() for k, v in encoder.state_dict().items()})
     write_json(out / "encoder.json", {"name": pv.name, "kwargs": kwargs, "image_size": pv.image_size,

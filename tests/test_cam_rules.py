@@ -215,8 +215,8 @@ class _OneByOne:
 
     calls = 0
 
-    def __init__(self, model, method):
-        self.miner = CamMiner(model, method)
+    def __init__(self, model, method, backend="library", precision="fp32"):
+        self.miner = CamMiner(model, method, backend, precision)
 
     def __call__(self, pixels, diseases):
         _OneByOne.calls += len(diseases)

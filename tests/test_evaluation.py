@@ -21,7 +21,7 @@ class _FakeRun:
     def __init__(self, test, views, seed, kind):
         self.test, self.views, self.seed, self.kind = test, views, seed, kind
 
-    def cams(self, images, diseases, method, batch_size):
+    def cams(self, images, diseases, method, batch_size, backend="auto"):
         out = []
         for img, d in zip(images, diseases):
             r = next(r for r in range(len(self.test.pixels)) if torch.equal(self.test.pixels[r], img))

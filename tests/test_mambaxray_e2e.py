@@ -37,8 +37,9 @@ def test_mambaxray_chain_runs_and_reruns_only_what_depends_on_pretraining(tmp_pa
     gen = json.loads((art / "generator/config.json").read_text())["spec"]
     assert gen["vision"]["source"] == "pretrained", gen.get("vision")
     before = load_file(str(art / "pretrain/contrastive/backbone.safetensors"))
-    after = load_file(str(art / "generator/vision.safetensors"))
+    after = {k.removeprefix("model."): v for k, v in load_file(str(art / "generator/vision.safetensors")).items()}
     common = [k for k in before if k in after]
+    assert len(common) == len(before) == len(after)  # the whole encoder, under its VisionEncoder prefix
     assert common and any((before[k] - after[k]).abs().max() > 0 for k in common)
     ev = json.loads((art / "eval/metrics.json").read_text())
     assert ev["generation"]["device"] == "cpu" and ev["model"]["BLEU_4"] >= 0

@@ -182,7 +182,7 @@ def test_device_crops_stay_inside_the_image_and_flip_half():
     assert abs(float((theta[:, 0, 0] < 0).float().mean()) - 0.5) < 0.05
     assert torch.all(crop_boxes(50, 0.2, False)[:, 0, 0] > 0)
     # the identity map reproduces the whole image; the mirrored one its left-right flip
-    data = PretrainImages(None, np.zeros(0, np.int64), np.zeros((0, 32, 32), np.uint8), 32, (0.0,), (1.0,), "cpu")
+    data = PretrainImages(None, np.zeros(0, np.int64), None, np.zeros(0, np.int64), 32, (0.0,), (1.0,), "cpu")
     img = torch.randint(0, 256, (1, 32, 32), dtype=torch.uint8)
     eye = torch.tensor([[[1.0, 0, 0], [0, 1.0, 0]]])
     assert torch.allclose(data.to_input(img, eye), img.float()[:, None] / 255, atol=1e-5)
