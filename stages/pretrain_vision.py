@@ -13,7 +13,9 @@ images give the validation loss (the whole image resized, no augmentation). On t
 resized to ``image_size`` through one batched RandomResizedCrop (area scale ``(rrc_scale_min, 1)``, aspect
 ratio ``(3/4, 4/3)``, bicubic, the side fractions clipped to the image where torchvision would resample)
 and a horizontal flip, then ImageNet-normalised on 3 channels (the release's ``main_pretrain.py``
-transforms). :func:`amrg.train.fit` runs AdamW ``(0.9, beta2)`` at ``lr = blr * batch / 256`` with
+transforms). ``runtime.num_processes > 1`` relaunches the stage under torchrun (:mod:`amrg.dist`): each rank
+takes its share of every global batch (the gradient is the mean over the global batch; each rank draws its own
+crops, as data-parallel MAE / ARM training does) and rank 0 writes the outputs. :func:`amrg.train.fit` runs AdamW ``(0.9, beta2)`` at ``lr = blr * batch / 256`` with
 ``warmup_epochs`` of linear warm-up then cosine, gradient clipping ``clip_grad``, resumable checkpoints.
 
 Outputs (``artifacts/pretrain/vision``): ``backbone.safetensors`` (the encoder's state dict),
@@ -32,6 +34,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
+from amrg import dist
 from amrg.data.images import ImageError, decode_image
 from amrg.data.store import TensorRows, load_images, write_rows
 from amrg.io import autocast, save_tensors, setup_runtime, write_json
@@ -164,18 +167,22 @@ class PretrainImages:
 def main(argv: list[str] | None = None) -> None:
     params, log, layout = start(STAGE, argv)
     pv, out = params.pretrain_vision, layout.stage_dir(STAGE)
-    clear_stage_dir(out)
     if pv.objective == "none":
+        clear_stage_dir(out)
         write_json(out / "config.json", {"objective": "none"})
         log.info("pretrain_vision.objective none: nothing to pre-train")
         return
-    timer, device = Timer(), setup_runtime(params.runtime)
+    dist.relaunch(params.runtime.num_processes, f"stages.{STAGE}", argv)  # N > 1: under torchrun, then exits
+    timer, device = Timer(), setup_runtime(params.runtime)  # joins the process group under torchrun
+    ctx = dist.context()
+    if ctx.is_main:
+        clear_stage_dir(out)
     images = load_images(layout.images, layout.pixels)
     pixels, size = images.pixels, int(images.pixels.shape[-1])
     held = held_out_hashes(pixels, np.flatnonzero(np.isin(images.split, ["val", "test"])))
     train, dropped = train_rows_without(pixels, np.flatnonzero(images.split == "train"), held)
-    extras, extra_rows, counts = extra_images(pv.extra_images, size, held,
-                                              layout.checkpoints / STAGE / "extra_pixels.npy", log)
+    extra_file = layout.checkpoints / STAGE / f"extra_pixels.rank{ctx.rank}.npy"  # each rank decodes its own copy
+    extras, extra_rows, counts = extra_images(pv.extra_images, size, held, extra_file, log)
     val = np.flatnonzero(images.split == "val")
 
     kwargs = encoder_kwargs(pv.kwargs)
@@ -217,7 +224,11 @@ def main(argv: list[str] | None = None) -> None:
                  Selection.of("val_loss" if len(val) else "train_loss"))
     model.load_state_dict(fitted.best_state, strict=False)
     seconds = timer()
-    (layout.checkpoints / STAGE / "extra_pixels.npy").unlink(missing_ok=True)
+    extra_file.unlink(missing_ok=True)
+    dist.barrier()
+    if not ctx.is_main:  # rank 0 writes the outputs
+        dist.shutdown()
+        return
 
     save_tensors(out / "backbone.safetensors", {k: v.contiguous() for k, v in encoder.state_dict().items()})
     write_json(out / "encoder.json", {"name": pv.name, "kwargs": kwargs, "image_size": pv.image_size,
@@ -229,12 +240,13 @@ def main(argv: list[str] | None = None) -> None:
         "epochs": len(fitted.history), "best_epoch": fitted.best["epoch"], "images": len(data),
         "train_split_images": len(train), "duplicates_dropped": dropped + counts["extra_duplicates_dropped"],
         "train_split_duplicates_dropped": dropped, **counts, "val_images": len(val),
-        "steps_per_s": round(steps / max(seconds, 1e-9), 3), "seconds": seconds})
+        "steps_per_s": round(steps / max(seconds, 1e-9), 3), "seconds": seconds, "processes": ctx.world})
     log_history(out, fitted.history)
     write_resolved(out, pretrain_vision=pv, runtime=params.runtime)
     log.info("ARM pre-training: %d images (%d extra, %d duplicates dropped), kept epoch %d, val loss %s, %.0fs",
              len(data), counts["extra_images"], dropped + counts["extra_duplicates_dropped"], fitted.best["epoch"],
              fitted.best.get("val_loss"), seconds)
+    dist.shutdown()
 
 
 if __name__ == "__main__":

@@ -148,7 +148,9 @@ def main(argv: list[str] | None = None) -> None:
         "phantom_images": layout.is_phantom(), "select": g.select, "best_epoch": kept["epoch"],
         "select_decode": g.select_decode, "best_val_loss": kept["val_loss"], "best_val_bleu4": kept["val_bleu4"],
         "best_val_cider": kept["val_cider"], "best_val_ce_f1": kept["val_ce_f1"],
-        "epochs": len(fitted.history), "trainable_parameters": n_trainable, "processes": dist.context().world,
+        # what training fitted: the generator's saved weights, plus the encoder's when it trained
+        "epochs": len(fitted.history), "trainable_parameters": n_trainable + (n_vision if trains_vision else 0),
+        "processes": dist.context().world,
         # every parameter the generator uses (incl. a frozen LLM) and the generator-side encoder's
         "total_parameters": sum(p.numel() for p in model.parameters()) + n_vision,
         "generator_vision": gv.source, "vision_parameters": n_vision,

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -42,7 +43,8 @@ CHECKPOINT_EVERY_STEP = {"classifier": {"checkpoint_every": 1}, "generator": {"c
 SPEEDUPS = {"evaluate": {"meteor": False, "bootstrap": 0, "report_samples": 1}}
 STAGES = ["preprocess", "train_classifier", "mine_cam", "encode_visual_bank", "encode_report_bank",
           "train_generator", "evaluate"]  # each killed once below
-ALL_STAGES = [*STAGES, "score"]  # dvc.yaml's stages (score only reads evaluate's predictions)
+# dvc.yaml's stages but the always-changed index, in pipeline order (with the two no-op pre-training stages)
+ALL_STAGES = [s for s in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"] if s != "index"]
 # (stage, fault): where each stage is stopped before its process group gets SIGKILL
 FAULTS = [
     ("preprocess", "write|2"),                            # images.parquet renamed, pixels.npy only a temp

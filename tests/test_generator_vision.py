@@ -110,6 +110,8 @@ def test_trainable_timm_encoder_is_trained_saved_and_rebuilt(tmp_path):
     metrics = _train(layout, params)
     n_vim = sum(p.numel() for p in start.parameters())
     assert metrics["generator_vision"] == "timm" and metrics["vision_trainable_parameters"] == n_vim > 0
+    n_generator = sum(v.numel() for v in load_tensors(layout.generator_weights).values())
+    assert metrics["trainable_parameters"] == n_generator + n_vim  # the generator's weights and the trained encoder's
     saved = load_tensors(layout.stage_dir("train_generator") / VISION_WEIGHTS)
     before = start.encoder.state_dict()
     assert saved.keys() == before.keys()

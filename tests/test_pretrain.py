@@ -286,3 +286,33 @@ def test_pretrain_stages_end_to_end(workspace, monkeypatch):
     run_stage(pretrain_contrastive, root, raw, pretrain_contrastive={"enabled": False})
     assert [p.name for p in con.iterdir()] == ["config.json"]
     assert json.loads((con / "config.json").read_text()) == {"enabled": False}
+
+
+def test_pretrain_vision_runs_data_parallel_under_torchrun(workspace, tmp_path):
+    """runtime.num_processes 2 relaunches the stage under torchrun (gloo on CPU): rank 0 writes the outputs,
+    every image is used once per epoch across the ranks, and the weights load into the encoder."""
+    import os
+    import subprocess
+    import sys
+
+    from amrg.io import load_tensors
+
+    root, layout, raw = workspace
+    p = json.loads(json.dumps(raw))
+    p["runtime"]["num_processes"] = 2
+    p["pretrain_vision"]["epochs"] = 1
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(p))
+    art, ckpt = tmp_path / "artifacts", tmp_path / "checkpoints"
+    (art / "preprocess").mkdir(parents=True)
+    for f in layout.stage_dir("preprocess").iterdir():
+        (art / "preprocess" / f.name).symlink_to(f)
+    out = subprocess.run([sys.executable, "-m", "stages.pretrain_vision", "--params", str(params), "--artifacts", str(art),
+                          "--checkpoints", str(ckpt)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    m = json.loads((art / "pretrain/vision/metrics.json").read_text())
+    assert m["processes"] == 2 and m["images"] == 2 * 4 + 1 and m["epochs"] == 1 and math.isfinite(m["val_loss"])
+    create_vim("tiny", "pretrain", img_size=SIZE).load_state_dict(
+        load_tensors(art / "pretrain/vision/backbone.safetensors"), strict=True)
+    assert not list(ckpt.rglob("extra_pixels*"))  # every rank removed its decoded copy
