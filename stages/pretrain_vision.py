@@ -61,21 +61,9 @@ def pixel_hash(image: np.ndarray) -> str:
     return hashlib.sha1(np.ascontiguousarray(image).tobytes()).hexdigest()
 
 
-def held_out_hashes(pixels, rows: np.ndarray) -> set[str]:
-    """Pixel hashes of the given image rows (validation and test), read in batches."""
-    out: set[str] = set()
-    for at in range(0, len(rows), HASH_BATCH):
-        out.update(pixel_hash(im) for im in pixels.read(rows[at:at + HASH_BATCH]))
-    return out
-
-
-def train_rows_without(pixels, rows: np.ndarray, held: set[str]) -> tuple[np.ndarray, int]:
-    """The train rows whose pixels equal no held-out image, and how many were dropped."""
-    keep = np.ones(len(rows), dtype=bool)
-    for at in range(0, len(rows), HASH_BATCH):
-        batch = pixels.read(rows[at:at + HASH_BATCH])
-        keep[at:at + len(batch)] = [pixel_hash(im) not in held for im in batch]
-    return rows[keep], int((~keep).sum())
+def row_hashes(pixels, rows: np.ndarray) -> list[str]:
+    """:func:`pixel_hash` of each image row of the pixel store, read in batches of :data:`HASH_BATCH`."""
+    return [pixel_hash(im) for at in range(0, len(rows), HASH_BATCH) for im in pixels.read(rows[at:at + HASH_BATCH])]
 
 
 def extra_images(folder: str, size: int, held: set[str], out: Path, log) -> tuple[TensorRows | None, np.ndarray, dict]:
@@ -179,8 +167,10 @@ def main(argv: list[str] | None = None) -> None:
         clear_stage_dir(out)
     images = load_images(layout.images, layout.pixels)
     pixels, size = images.pixels, int(images.pixels.shape[-1])
-    held = held_out_hashes(pixels, np.flatnonzero(np.isin(images.split, ["val", "test"])))
-    train, dropped = train_rows_without(pixels, np.flatnonzero(images.split == "train"), held)
+    held = set(row_hashes(pixels, np.flatnonzero(np.isin(images.split, ["val", "test"]))))
+    train = np.flatnonzero(images.split == "train")
+    keep = np.array([h not in held for h in row_hashes(pixels, train)], dtype=bool)
+    train, dropped = train[keep], int((~keep).sum())  # train images equal to a held-out one are dropped
     extra_file = layout.checkpoints / STAGE / f"extra_pixels.rank{ctx.rank}.npy"  # each rank decodes its own copy
     extras, extra_rows, counts = extra_images(pv.extra_images, size, held, extra_file, log)
     val = np.flatnonzero(images.split == "val")
